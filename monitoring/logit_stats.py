@@ -1,0 +1,103 @@
+"""Logit statistics: the one implementation used by the merge gates, the serving parity check and the monitors.
+
+Two kinds of numbers live here:
+- per-request statistics (`request_stats`) that serving logs for every request and the drift monitors test;
+- logit comparisons (`compare_logits`) between two models on the same tokens, used by the merge/quantize
+  gates and by the train/serve parity check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+# Names of the per-request statistics, in the order monitors report them. Serving writes these columns,
+# the drift monitors read them; keeping them here avoids magic strings spread across packages.
+REQUEST_STATS = ("prompt_nll", "gen_entropy", "gen_max_prob")
+
+
+def request_stats(prompt_logits: torch.Tensor, prompt_ids: torch.Tensor, gen_logits: torch.Tensor | None) -> dict:
+    """Per-request statistics.
+
+    prompt_logits: [T, V] logits at prompt positions (position t predicts token t+1);
+    prompt_ids: [T] prompt token ids; gen_logits: [G, V] logits that produced each generated token, or None.
+
+    prompt_nll: mean NLL of the prompt's tokens under the served model (how unusual the input is to it);
+    gen_entropy / gen_max_prob: mean entropy and mean top-1 probability of the next-token distributions while
+    generating (how unsure the model is about its own answer).
+    """
+    out = {}
+    if prompt_ids.numel() >= 2:
+        logp = torch.log_softmax(prompt_logits[:-1].float(), dim=-1)
+        nll = -logp.gather(-1, prompt_ids[1:].unsqueeze(-1)).squeeze(-1)
+        out["prompt_nll"] = float(nll.mean())
+    else:
+        out["prompt_nll"] = float("nan")
+    if gen_logits is not None and gen_logits.shape[0] > 0:
+        logp = torch.log_softmax(gen_logits.float(), dim=-1)
+        p = logp.exp()
+        out["gen_entropy"] = float((-(p * logp).sum(-1)).mean())
+        out["gen_max_prob"] = float(p.max(-1).values.mean())
+    else:
+        out["gen_entropy"] = float("nan")
+        out["gen_max_prob"] = float("nan")
+    return out
+
+
+def response_nll(logits: torch.Tensor, ids: torch.Tensor, start: int) -> float:
+    """Mean NLL of ids[start:] given everything before, from logits [T, V] over ids [T]."""
+    if ids.numel() - start < 1 or start < 1:
+        return float("nan")
+    logp = torch.log_softmax(logits[start - 1 : -1].float(), dim=-1)
+    return float(-logp.gather(-1, ids[start:].unsqueeze(-1)).squeeze(-1).mean())
+
+
+@dataclass
+class LogitComparison:
+    """How far logits `b` are from reference logits `a` over the same valid token positions."""
+
+    cosine: float
+    """Mean cosine similarity of the logit vectors, per position."""
+    max_abs: float
+    """Largest absolute logit difference anywhere."""
+    top1_agreement: float
+    """Fraction of positions whose argmax token agrees."""
+    kl_mean: float
+    """Mean per-token KL(softmax(a) || softmax(b)), nats."""
+    kl_p99: float
+    """99th percentile of the per-token KL."""
+    positions: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare_logits(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> LogitComparison:
+    """Compare logits [..., V] of a reference `a` and a candidate `b`; `mask` [...] selects valid positions.
+
+    NaN anywhere in the candidate is reported as the worst possible values, never as a pass.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"logit shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}; compare the same prompts")
+    a = a.float().reshape(-1, a.shape[-1])
+    b = b.float().reshape(-1, b.shape[-1])
+    if mask is not None:
+        keep = mask.reshape(-1).bool()
+        a, b = a[keep], b[keep]
+    if a.shape[0] == 0:
+        raise ValueError("no valid token positions to compare")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return LogitComparison(cosine=-1.0, max_abs=float("inf"), top1_agreement=0.0, kl_mean=float("inf"),
+                               kl_p99=float("inf"), positions=a.shape[0])
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    kl = (la.exp() * (la - lb)).sum(-1).clamp_min(0.0)
+    return LogitComparison(
+        cosine=float(cos.mean()),
+        max_abs=float((a - b).abs().max()),
+        top1_agreement=float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+        kl_mean=float(kl.mean()),
+        kl_p99=float(torch.quantile(kl, 0.99)) if kl.numel() > 1 else float(kl.max()),
+        positions=a.shape[0],
+    )
