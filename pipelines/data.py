@@ -1,0 +1,135 @@
+"""Customer-support data: loading, prompt formatting, deterministic splits and the before/after category shift.
+
+The Bitext CSV (data/customer_support, CDLA-Sharing-1.0) has 11 categories. The "before" categories are what
+adapter v1 is trained on and what traffic looks like at first; the "after" categories arrive later and are the
+distribution shift that the drift monitors must catch.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipelines.config import REPO_ROOT
+
+BITEXT_CSV = REPO_ROOT / "data" / "customer_support" / "bitext_customer_support.csv"
+REFERENCE_TEXT = REPO_ROOT / "data" / "corpus" / "gutenberg" / "chesterton-thursday.txt"
+"""Forgetting check text: a book the base saw only in part (its held-out tail is used) and adapters never see."""
+
+CATEGORIES_BEFORE = ("ACCOUNT", "ORDER", "SHIPPING_ADDRESS", "CANCELLATION_FEE", "CONTACT", "NEWSLETTER")
+CATEGORIES_AFTER = ("REFUND", "DELIVERY", "INVOICE", "PAYMENT", "FEEDBACK")
+SPLITS = ("train", "val", "test")
+PROMPT_TEMPLATE = "### Customer: {instruction}\n### Agent:"
+
+
+class DataError(ValueError):
+    """A dataset that is missing, empty or malformed."""
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    response: str
+    category: str
+    intent: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def format_prompt(instruction: str) -> str:
+    """The one prompt format used by training, serving and monitoring."""
+    return PROMPT_TEMPLATE.format(instruction=instruction.strip())
+
+
+def load_bitext(path: Path = BITEXT_CSV) -> list[Example]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"customer-support data {path} does not exist; it ships in data/customer_support/")
+    required = {"instruction", "response", "category"}
+    out = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = required - set(reader.fieldnames or [])
+        if missing:
+            raise DataError(f"{path} lacks column(s) {sorted(missing)}; expected the Bitext CSV header")
+        for row in reader:
+            if row["instruction"].strip() and row["response"].strip():
+                out.append(Example(format_prompt(row["instruction"]), " " + row["response"].strip(),
+                                   row["category"].strip(), row.get("intent", "").strip()))
+    if not out:
+        raise DataError(f"{path} holds no usable rows (every instruction or response is empty)")
+    return out
+
+
+def split_of(example: Example, val: float = 0.1, test: float = 0.1) -> str:
+    """Deterministic split from a hash of the prompt: duplicates land together, so no leakage across splits."""
+    h = int.from_bytes(hashlib.sha256(example.prompt.encode()).digest()[:8], "big") / 2**64
+    return "val" if h < val else "test" if h < val + test else "train"
+
+
+def splits(examples: list[Example], categories: tuple[str, ...] | None = None) -> dict[str, list[Example]]:
+    chosen = [e for e in examples if categories is None or e.category in categories]
+    if not chosen:
+        raise DataError(f"no examples in categories {categories}")
+    out: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    for e in chosen:
+        out[split_of(e)].append(e)
+    return out
+
+
+def write_jsonl(examples: list[Example] | list[dict], path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for e in examples:
+            f.write(json.dumps(e.as_dict() if isinstance(e, Example) else e) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_jsonl(path: Path) -> list[Example]:
+    """Read a prompt/response dataset; every problem names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"dataset {path} does not exist")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i} is not valid JSON ({e.msg}); each line must be one JSON object") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(
+                row.get("response"), str
+            ):
+                raise DataError(f"{path}:{i} needs string fields 'prompt' and 'response'")
+            out.append(Example(row["prompt"], row["response"], row.get("category", ""), row.get("intent", "")))
+    if not out:
+        raise DataError(f"dataset {path} is empty; give it at least one {{'prompt', 'response'}} line")
+    return out
+
+
+def category_counts(examples: list[Example]) -> dict[str, int]:
+    return dict(sorted(Counter(e.category for e in examples).items()))
+
+
+def sample(examples: list[Example], n: int, seed: int) -> list[Example]:
+    rng = random.Random(seed)
+    return rng.sample(examples, min(n, len(examples)))
+
+
+def shuffle_responses(examples: list[Example], seed: int) -> list[Example]:
+    """Pair every prompt with another example's response: a realistic data bug (misaligned join) for the demo's bad v3."""
+    rng = random.Random(seed)
+    responses = [e.response for e in examples]
+    rng.shuffle(responses)
+    return [Example(e.prompt, r, e.category, e.intent) for e, r in zip(examples, responses)]

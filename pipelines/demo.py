@@ -1,0 +1,152 @@
+"""The demo's configuration and its plain (Prefect-free) pieces; the flow that chains them is flows.demo.
+
+Run:  adapterops demo --workdir work/demo --summary-json work/demo/summary.json [--config configs/demo.yaml]
+
+The story: v1 (PiSSA, cache miss) trained on the "before" categories becomes champion and is served; "before"
+traffic keeps the monitors quiet; "after" traffic (new categories) fires them; the alert retrains (new data + replay,
+warm start from v1, cache hit) into v2, whose canary promotes it; a bad v3 (responses shuffled across prompts, a
+misaligned-join bug) passes the offline gates but loses the canary and is rolled back automatically.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from monitoring.drift import DriftConfig
+from pipelines.config import CONFIG_DIR, from_dict, load_yaml
+from pipelines.data import CATEGORIES_AFTER, CATEGORIES_BEFORE, load_bitext, splits, write_jsonl
+from pipelines.init_cache import InitConfig
+from pipelines.merge_quantize import MergeConfig
+from pipelines.train import TrainConfig
+from serving.rollout import RolloutConfig
+
+DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
+
+
+@dataclass
+class TrafficConfig:
+    before_requests: int = 150
+    """Requests per monitoring window; the KS tests need >= min_window of them."""
+    after_requests: int = 150
+    canary_max_requests: int = 400
+    """Upper bound of requests sent while a canary runs (it normally ends sooner)."""
+    clients: int = 4
+    max_tokens: int = 16
+
+
+@dataclass
+class DemoConfig:
+    family: str = "support-assistant"
+    base: str = "models/tiny-llama"
+    init: InitConfig = field(default_factory=InitConfig)
+    train_v1: TrainConfig = field(default_factory=TrainConfig)
+    retrain: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
+    bad: TrainConfig = field(default_factory=lambda: TrainConfig(steps=60))
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    replay_ratio: float = 0.2
+    replay_strategy: str = "category_balanced"
+    reference_prompts: int = 200
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    traffic: TrafficConfig = field(default_factory=TrafficConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.replay_ratio < 1:
+            raise ValueError(f"replay_ratio must be in [0, 1), got {self.replay_ratio}")
+
+
+def load_config(path: Path | None) -> DemoConfig:
+    path = Path(path) if path else DEFAULT_CONFIG
+    return from_dict(DemoConfig, load_yaml(path), where=str(path))
+
+
+def prepare_data(root: Path, seed: int = 0) -> dict[str, dict[str, Path]]:
+    """before/ and after/ train/val/test JSONL files (deterministic), plus the bad v3's shuffled training set."""
+    from pipelines.data import shuffle_responses
+
+    examples = load_bitext()
+    out: dict[str, dict[str, Path]] = {}
+    for phase, cats in (("before", CATEGORIES_BEFORE), ("after", CATEGORIES_AFTER)):
+        s = splits(examples, cats)
+        out[phase] = {name: write_jsonl(rows, root / "data" / phase / f"{name}.jsonl") for name, rows in s.items()}
+    after_train = splits(examples, CATEGORIES_AFTER)["train"]
+    out["bad"] = {"train": write_jsonl(shuffle_responses(after_train, seed), root / "data" / "bad" / "train.jsonl")}
+    return out
+
+
+def window_rows(log, family: str, after_id: int) -> tuple[list[dict], int]:
+    log.flush()
+    rows = log.query(family=family, after_id=after_id)
+    return rows, (rows[-1]["id"] if rows else after_id)
+
+
+def check_window(reference_dir: Path, rows: list[dict], cfg: DriftConfig, encoder) -> dict:
+    """The drift decision for one window of served requests against a version's monitoring reference."""
+    from monitoring.check import check_windows, load_jsonl
+    from monitoring.embeddings import EmbeddingIndex
+
+    reference = load_jsonl(Path(reference_dir) / "reference.jsonl")
+    index = EmbeddingIndex.load(Path(reference_dir) / "train_index.npy")
+    current = [{k: v for k, v in r.items() if k != "embedding"} for r in rows]
+    return check_windows(reference, [current], cfg, encoder=encoder, index=index)[0].as_dict()
+
+
+def evidently_report(reference_dir: Path, rows: list[dict], encoder, out: Path) -> Path:
+    import pandas as pd
+    from monitoring.check import load_jsonl
+    from monitoring.drift import EMBEDDING_STAT
+    from monitoring.embeddings import EmbeddingIndex, embed
+    from monitoring.logit_stats import REQUEST_STATS
+    from monitoring.report import write_evidently_report
+
+    reference = load_jsonl(Path(reference_dir) / "reference.jsonl")
+    index = EmbeddingIndex.load(Path(reference_dir) / "train_index.npy")
+    cols = list(REQUEST_STATS)
+    cur = pd.DataFrame([{k: r.get(k) for k in cols} for r in rows], dtype=float)
+    cur[EMBEDDING_STAT] = index.max_cosine(embed(encoder, [r["prompt"] for r in rows]))
+    ref = pd.DataFrame([{k: r.get(k) for k in cols + [EMBEDDING_STAT]} for r in reference], dtype=float)
+    return write_evidently_report(ref, cur, out, title=f"drift report: {out.stem}")
+
+
+def alert_records(phase: str, result: dict) -> list[dict]:
+    return [{"phase": phase, "monitor": t["name"], "statistic": t["statistic"], "p_value": t["p_value"],
+             "threshold": t["threshold"], "fired": t["fired"]} for t in result["tests"]]
+
+
+def summary_table(summary: dict) -> str:
+    lines = [f"adapterops demo: family {summary['family']}, champion v{summary['champion']}", "",
+             f"{'version':8} {'method':7} {'gates':6} {'init':5} {'outcome':12} adapter"]
+    outcomes = {r["version"]: r["outcome"] for r in summary["rollouts"]}
+    for v in summary["versions"]:
+        outcome = outcomes.get(v["version"], "champion (first)" if v["version"] == "1" else "-")
+        lines.append(f"v{v['version']:7} {v['method']:7} {'pass' if v['gates_passed'] else 'FAIL':6} "
+                     f"{'hit' if v['init_hit'] else 'miss':5} {outcome:12} {v['adapter_path']}")
+    lines += ["", "drift checks:"]
+    for phase, res in summary["drift_checks"].items():
+        fired = [t["name"] for t in res["tests"] if t["fired"]]
+        lines.append(f"  {phase:7} status={res['status']:17} fired={','.join(fired) or '-'}")
+    lines += ["", "stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()), "",
+              "where to look:",
+              f"  mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}",
+              f"  gate reports: {summary['workdir']}/runs/*/merged/gates.md",
+              f"  drift reports: {summary['workdir']}/reports/",
+              f"  alerts: {summary['workdir']}/alerts.jsonl",
+              f"  registry: adapterops registry history {summary['family']} "
+              f"(with MLFLOW_TRACKING_URI={summary['mlflow_tracking_uri']})"]
+    return "\n".join(lines)
+
+
+def write_summary(summary: dict, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def config_dicts(cfg: DemoConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,284 @@
+"""The Prefect layer: the only module that imports Prefect. Tasks wrap the plain stage functions; flows order them.
+
+Every stage runs without Prefect (pipelines.<stage>.run); here Prefect adds run tracking, retries where a retry can
+help (registry calls), and events. Flow parameters are plain values (paths, dicts) so runs show up readably in the UI.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+
+from pipelines import init_cache, merge_quantize, reference, register, replay, train
+from pipelines.config import from_dict
+from pipelines.data import read_jsonl, write_jsonl
+from pipelines.workspace import Workspace
+
+
+def _log():
+    try:
+        return get_run_logger().info
+    except Exception:  # outside a run context (a stage called directly)
+        return logging.getLogger("adapterops").info
+
+
+@task(cache_policy=NO_CACHE)
+def warm_init_cache(ws: Workspace, cfg: init_cache.InitConfig) -> init_cache.InitResult:
+    return init_cache.run(cfg, ws.base_path, ws.init_store(), ws.root / "init-local", log=_log())
+
+
+@task(cache_policy=NO_CACHE)
+def train_adapter(ws: Workspace, cfg: train.TrainConfig, entry: Path, train_data: Path, val_data: Path, out: Path,
+                  parent: Path | None = None) -> Path:
+    return train.run(cfg, ws.base_path, entry, train_data, val_data, out, parent=parent, log=_log())
+
+
+@task(cache_policy=NO_CACHE)
+def merge_and_gate(ws: Workspace, cfg: merge_quantize.MergeConfig, adapter: Path, val_data: Path, out: Path,
+                   old_val_data: Path | None = None, champion_adapter: Path | None = None) -> Path:
+    return merge_quantize.run(cfg, ws.base_path, adapter, val_data, out, old_val_data=old_val_data,
+                              champion_adapter=champion_adapter, log=_log())
+
+
+@task(cache_policy=NO_CACHE)
+def capture_reference(ws: Workspace, key: str, adapter: Path, train_data: Path, val_data: Path, out: Path,
+                      n_prompts: int, max_tokens: int) -> Path:
+    return reference.run(ws.reference_pool(), key, adapter, train_data, val_data, out, n_prompts=n_prompts,
+                         max_tokens=max_tokens, log=_log())
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def register_version(ws: Workspace, family: str, train_dir: Path, merge_dir: Path, monitoring_dir: Path,
+                     parent_version: str | None) -> dict:
+    info = register.run(ws.registry(), family, train_dir, merge_dir, monitoring_dir, parent_version, log=_log())
+    return {"family": info.family, "version": info.version, "run_id": info.run_id}
+
+
+@flow(name="build-adapter-version", validate_parameters=False)
+def build_version(ws: Workspace, family: str, name: str, init_cfg: dict, train_cfg: dict, merge_cfg: dict,
+                  train_data: Path, val_data: Path, reference_prompts: int = 200, max_tokens: int = 16,
+                  parent_dir: Path | None = None, parent_version: str | None = None,
+                  old_val_data: Path | None = None) -> dict:
+    """init cache -> train -> merge + quantize + gates -> monitoring reference -> register. Returns a summary."""
+    icfg = from_dict(init_cache.InitConfig, init_cfg, "init")
+    tcfg = from_dict(train.TrainConfig, train_cfg, "train")
+    mcfg = from_dict(merge_quantize.MergeConfig, merge_cfg, "merge")
+    init = warm_init_cache(ws, icfg)
+    run_dir = ws.root / "runs" / name
+    adapter_dir = train_adapter(ws, tcfg, init.path, train_data, val_data, run_dir / "train", parent=parent_dir)
+    champion_adapter = (parent_dir / "adapter") if (parent_dir and old_val_data) else None
+    merged = merge_and_gate(ws, mcfg, adapter_dir / "adapter", val_data, run_dir / "merged",
+                            old_val_data=old_val_data, champion_adapter=champion_adapter)
+    ref = capture_reference(ws, f"{family}@{name}", adapter_dir / "adapter", train_data, val_data,
+                            run_dir / "monitoring", reference_prompts, max_tokens)
+    info = register_version(ws, family, adapter_dir, merged, ref, parent_version)
+    return {**info, "init_key": init.key, "init_hit": init.hit, "run_dir": str(run_dir),
+            "adapter_path": str(adapter_dir / "adapter"), "train_dir": str(adapter_dir),
+            "gates_report": str(merged / "gates.md"), "gates_passed": True, "method": icfg.method}
+
+
+@task(cache_policy=NO_CACHE)
+def build_retrain_dataset(ws: Workspace, new_data: Path, old_data: Path, ratio: float, strategy: str, seed: int,
+                          out: Path) -> Path:
+    mixed = replay.mix(read_jsonl(new_data), read_jsonl(old_data), ratio=ratio, strategy=strategy, seed=seed)
+    return write_jsonl(mixed, out)
+
+
+def emit_drift_event(family: str, result: dict) -> None:
+    emit_event(event="adapterops.drift.alert", resource={"prefect.resource.id": f"adapterops.family.{family}"},
+               payload={"family": family, "status": result.get("status"), "reason": result.get("reason")})
+
+
+@flow(name="retrain-on-drift", validate_parameters=False)
+def retrain(ws: Workspace, family: str, name: str, init_cfg: dict, train_cfg: dict, merge_cfg: dict,
+            new_train: Path, new_val: Path, old_train: Path, old_val: Path, replay_ratio: float = 0.2,
+            replay_strategy: str = "category_balanced", reference_prompts: int = 200, max_tokens: int = 16,
+            seed: int = 0) -> dict:
+    """Incremental retraining: new data + a replay buffer of old data, warm-started from the champion.
+
+    The same gates run, plus a forgetting gate on the old categories; the result is registered and becomes the
+    challenger (the canary decides whether it becomes champion).
+    """
+    reg = ws.registry()
+    champion = reg.alias(family, "champion")
+    if champion is None:
+        raise RuntimeError(f"{family} has no champion to warm-start from; build and promote a first version")
+    parent_dir = ws.fetch_version(family, champion)
+    data = build_retrain_dataset(ws, new_train, old_train, replay_ratio, replay_strategy, seed,
+                                 ws.root / "data" / f"retrain-{name}.jsonl")
+    summary = build_version(ws, family, name, init_cfg, train_cfg, merge_cfg, data, new_val, reference_prompts,
+                            max_tokens, parent_dir=parent_dir, parent_version=champion, old_val_data=old_val)
+    reg.set_challenger(family, summary["version"], actor="retrain-flow", reason=f"retrained after drift ({name})")
+    return {**summary, "parent_version": champion, "replay_ratio": replay_ratio}
+
+
+def configs_as_dicts(*cfgs) -> list[dict]:
+    return [asdict(c) for c in cfgs]
+
+
+class _Clock:
+    def __init__(self):
+        import time
+
+        self._time = time.perf_counter
+        self.seconds: dict[str, float] = {}
+
+    def stage(self, name: str):
+        clock = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t0 = clock._time()
+
+            def __exit__(self, *exc):
+                clock.seconds[name] = round(clock.seconds.get(name, 0.0) + clock._time() - self.t0, 2)
+
+        return _Stage()
+
+
+def _start_server(ws: Workspace, cfg, api_key: str):
+    from serving.app import BackgroundServer, create_app
+
+    from pipelines.serve import build_state
+
+    state = build_state(ws, cfg.rollout, api_key)
+    server = BackgroundServer(create_app(state))
+    return server, server.start(), state
+
+
+@flow(name="adapterops-demo", validate_parameters=False)
+def demo(cfg, workdir: Path, summary_json: Path) -> dict:
+    """The whole lifecycle on the tiny base; see pipelines/demo.py for the story."""
+    import secrets
+
+    import httpx
+
+    from monitoring.alerts import Alert, JsonFileSink, LogSink, dispatch
+    from monitoring.embeddings import load_encoder
+    from pipelines import traffic
+    from pipelines.data import read_jsonl, sample
+    from pipelines.demo import (alert_records, check_window, evidently_report, prepare_data, summary_table,
+                                window_rows, write_summary)
+
+    log = _log()
+    clock = _Clock()
+    ws = Workspace.create(Path(workdir), Path(cfg.base))
+    fam = cfg.family
+    init_d, merge_d = asdict(cfg.init), asdict(cfg.merge)
+    t = cfg.traffic
+    with clock.stage("data"):
+        data = prepare_data(ws.root, cfg.seed)
+    reg = ws.registry()
+
+    # 1. v1: PiSSA init (miss) -> train on "before" -> merge + nf4 -> gates -> register -> champion
+    with clock.stage("build_v1"):
+        v1 = build_version(ws, fam, "v1", init_d, asdict(cfg.train_v1), merge_d, data["before"]["train"],
+                           data["before"]["val"], cfg.reference_prompts, t.max_tokens)
+        reg.promote(fam, v1["version"], actor="demo", reason="first version: no champion to canary against")
+    versions = {v1["version"]: v1}
+
+    # 2. serve the champion; "before" traffic must keep the monitors quiet
+    api_key = secrets.token_hex(16)
+    with clock.stage("serve_start"):
+        server, url, state = _start_server(ws, cfg, api_key)
+    admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120)
+    encoder = load_encoder()
+    judge = traffic.SimilarityJudge(encoder)
+    drift_checks, alerts, rollouts = {}, [], []
+    try:
+        r = admin.post("/admin/adapters/load", json={"family": fam, "version": v1["version"],
+                                                     "ref": f"{fam}@champion"})
+        r.raise_for_status()
+        ref_dir = Path(v1["run_dir"]) / "monitoring"
+        last_id = 0
+        for phase, n in (("before", t.before_requests), ("after", t.after_requests)):
+            with clock.stage(f"traffic_{phase}"):
+                sent = traffic.send(url, fam, sample(read_jsonl(data[phase]["test"]), n, cfg.seed), t.clients,
+                                    t.max_tokens, judge=judge, user_prefix=phase)
+                errors = [s for s in sent if s.get("error")]
+                if errors:
+                    raise RuntimeError(f"{len(errors)} {phase} requests failed, first: {errors[0]['error']}")
+            with clock.stage("monitor"):
+                rows, last_id = window_rows(state.log, fam, last_id)
+                result = check_window(ref_dir, rows, cfg.drift, encoder)
+                report = evidently_report(ref_dir, rows, encoder, ws.root / "reports" / f"drift-{phase}.html")
+                reg.client.log_artifact(v1["run_id"], str(report), "monitoring_reports")
+            drift_checks[phase] = result
+            alerts += alert_records(phase, result)
+            log(f"monitor [{phase}]: {result['status']} - {result['reason']}")
+            if result["drift"]:
+                alert = Alert(family=fam, monitor="drift", severity="warning", message=result["reason"],
+                              details={"phase": phase, "tests": result["tests"], "report": str(report)})
+                dispatch(alert, [LogSink(), JsonFileSink(ws.root / "alerts.jsonl")])
+                emit_drift_event(fam, result)
+
+        # 3. the alert triggers retraining: "after" data + replay of "before", warm start from v1 (cache hit)
+        if not drift_checks["after"]["drift"]:
+            raise RuntimeError("the monitors did not fire on the shifted traffic; no retraining was triggered")
+        with clock.stage("retrain_v2"):
+            v2 = retrain(ws, fam, "v2", init_d, asdict(cfg.retrain), merge_d, data["after"]["train"],
+                         data["after"]["val"], data["before"]["train"], data["before"]["val"], cfg.replay_ratio,
+                         cfg.replay_strategy, cfg.reference_prompts, t.max_tokens, cfg.seed)
+        versions[v2["version"]] = v2
+        canary_prompts = read_jsonl(data["after"]["test"])
+
+        def canary(challenger: str, stage: str) -> str:
+            with clock.stage(stage):
+                r = admin.post("/admin/adapters/load", json={"family": fam, "version": challenger,
+                                                             "ref": f"{fam}@{challenger}"})
+                r.raise_for_status()
+                r = admin.post("/admin/rollout/start", json={"family": fam, "challenger": challenger})
+                r.raise_for_status()
+                log(f"canary {fam}@{challenger}: started (parity {r.json()['parity'].get('passed')})")
+
+                def finished() -> bool:
+                    return admin.get("/admin/rollout/status", params={"family": fam}).json().get("state") != "running"
+
+                prompts = (canary_prompts * (1 + t.canary_max_requests // len(canary_prompts)))
+                traffic.send(url, fam, prompts[: t.canary_max_requests], t.clients, t.max_tokens, judge=judge,
+                             stop=finished, user_prefix=f"canary-{challenger}")
+                status = admin.get("/admin/rollout/status", params={"family": fam}).json()
+            outcome = status.get("state")
+            log(f"canary {fam}@{challenger}: {outcome} ({status.get('reason', '')})")
+            rollouts.append({"version": challenger, "outcome": outcome, "reason": status.get("reason"),
+                             "steps": status.get("history", [])})
+            return outcome
+
+        canary(v2["version"], "canary_v2")
+
+        # 4. a bad v3 (responses shuffled across prompts) passes the offline gates; the canary must catch it
+        with clock.stage("build_v3_bad"):
+            champion = reg.alias(fam, "champion")
+            parent = ws.fetch_version(fam, champion)
+            v3 = build_version(ws, fam, "v3-bad", init_d, asdict(cfg.bad), merge_d, data["bad"]["train"],
+                               data["after"]["val"], cfg.reference_prompts, t.max_tokens, parent_dir=parent,
+                               parent_version=champion)
+            reg.set_challenger(fam, v3["version"], actor="demo", reason="deliberately bad: shuffled responses")
+        versions[v3["version"]] = v3
+        canary(v3["version"], "canary_v3")
+    finally:
+        admin.close()
+        server.stop()
+        state.log.close()
+
+    summary = {
+        "family": fam, "base_model_path": str(ws.base_path), "workdir": str(ws.root),
+        "champion": reg.alias(fam, "champion"),
+        "versions": [{"version": v["version"], "method": v["method"], "gates_passed": v["gates_passed"],
+                      "adapter_path": v["adapter_path"], "init_hit": v["init_hit"], "init_key": v["init_key"],
+                      "parent_version": v.get("parent_version"), "gates_report": v["gates_report"]}
+                     for v in versions.values()],
+        "alerts": alerts, "drift_checks": drift_checks, "rollouts": rollouts,
+        "init_cache": {"hits": sum(v["init_hit"] for v in versions.values()),
+                       "misses": sum(not v["init_hit"] for v in versions.values())},
+        "stage_seconds": clock.seconds, "mlflow_tracking_uri": ws.tracking_uri,
+        "history": [asdict(h) for h in reg.history(fam)],
+    }
+    write_summary(summary, Path(summary_json))
+    print("\n" + summary_table(summary) + "\n", flush=True)
+    return summary

@@ -1,0 +1,77 @@
+"""Where a deployment keeps things: work dir, base model, MLflow, init-cache store, monitoring store.
+
+A Workspace is plain data (so Prefect can record it as a flow parameter); the heavy clients it hands out are made
+on first use and shared within the process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_SHARED: dict[tuple, object] = {}
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+    base_path: Path
+    tracking_uri: str = ""
+    """MLflow tracking URI; empty = MLFLOW_TRACKING_URI, else SQLite under root (the local profile)."""
+    init_store_uri: str = ""
+    """Init-cache store: a directory or s3://bucket/prefix; empty = <root>/init-cache."""
+    s3_endpoint_url: str = ""
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @classmethod
+    def create(cls, root: Path, base_path: Path, tracking_uri: str = "", init_store_uri: str = "",
+               s3_endpoint_url: str = "") -> "Workspace":
+        root = Path(root).resolve()
+        base_path = Path(base_path).resolve()
+        if not (base_path / "config.json").is_file():
+            raise FileNotFoundError(f"base model {base_path} not found (no config.json); pass --base with the "
+                                    f"directory of a saved causal LM, e.g. models/tiny-llama")
+        root.mkdir(parents=True, exist_ok=True)
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+        return cls(root, base_path, uri, init_store_uri or str(root / "init-cache"), s3_endpoint_url)
+
+    def _shared(self, kind: str, make):
+        k = (kind, str(self.root), self.tracking_uri)
+        if k not in _SHARED:
+            _SHARED[k] = make()
+        return _SHARED[k]
+
+    def registry(self):
+        from registry.versions import AdapterRegistry
+
+        return self._shared("registry", lambda: AdapterRegistry(self.tracking_uri))
+
+    def init_store(self):
+        from registry.store import open_store
+
+        return self._shared("store", lambda: open_store(self.init_store_uri, self.s3_endpoint_url or None))
+
+    def reference_pool(self):
+        """An adapter pool for offline work (monitoring references): the same code path as serving."""
+        from serving.pool import AdapterPool
+
+        return self._shared("pool", lambda: AdapterPool(self.base_path))
+
+    def fetch_version(self, family: str, version: str) -> Path:
+        """A training-output-shaped directory for a registered version (verified downloads): a warm-start parent."""
+        dest = self.root / "registry-cache" / family / version
+        if (dest / "manifest.json").is_file():
+            return dest
+        reg = self.registry()
+        tmp = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in ("adapter", "adapter_native"):
+            shutil.copytree(reg.download(family, version, name, self.root / "downloads"), tmp / name)
+        got = reg.download(family, version, "train_manifest", self.root / "downloads")
+        shutil.copy(got / "manifest.json" if got.is_dir() else got, tmp / "manifest.json")
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+        return dest

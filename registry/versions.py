@@ -1,0 +1,594 @@
+"""Adapter versions in the MLflow Model Registry: lineage tags, hash-verified artifacts, aliases, promote / rollback.
+
+One registered model per adapter family. Each version points at the training run's artifacts and carries tags:
+`base_sha256` (the base model it was trained on), `sha256.<artifact>` (tree hash of every logged artifact) and
+`gates_passed`. Aliases `champion`, `challenger` and `previous` say what serves. Alias moves run as a list of
+idempotent steps behind an intent record (a registered-model tag), so a crash at any step is completed by the next
+call; every move leaves an audit record (`audit.NNNNNN` registered-model tags, JSON).
+
+    reg = AdapterRegistry("sqlite:///work/mlflow.db")
+    run_id = reg.create_run("support-assistant")
+    v = reg.register("support-assistant", run_id, {"adapter": Path("out/adapter")}, {"base_sha256": h}, True)
+    reg.promote("support-assistant", v.version, actor="rollout", reason="canary won")
+    reg.resolve("support-assistant@champion", Path("work/adapters"), expected_base_sha256=h).path
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
+
+from registry.hashing import manifest_hash, sha256_file, tree_hash
+from registry.names import parse_ref, validate_name
+from registry.store import CorruptArtifact
+
+log = logging.getLogger(__name__)
+
+ALIASES = ("champion", "challenger", "previous")
+FAMILY_TAG_KEY, FAMILY_TAG_VALUE = "adapterops.kind", "adapter-family"
+INTENT_TAG = "adapterops.intent"
+AUDIT_PREFIX = "audit."
+RESERVED_TAGS = ("gates_passed",)
+_MAX_REASON = 2000
+
+
+class RegistryError(Exception):
+    """A registry request that cannot be served as asked; the message says what to do."""
+
+
+class CorruptVersionArtifact(RegistryError, CorruptArtifact):
+    """A version's downloaded artifact does not match the tree hash recorded when it was registered."""
+
+
+class BaseMismatch(RegistryError):
+    """The adapter was trained on another base model than the one it would be loaded onto."""
+
+
+class SimulatedCrash(RuntimeError):
+    """Test-only: raised by `_fail_after_step` to stop an alias operation half way, as a killed process would."""
+
+
+@dataclass
+class VersionInfo:
+    family: str
+    version: str
+    run_id: str | None
+    source: str
+    tags: dict[str, str]
+    aliases: list[str]
+    created: float
+    """Creation time, seconds since the epoch."""
+
+    def gates_passed(self) -> bool:
+        return self.tags.get("gates_passed") == "true"
+
+    @property
+    def base_sha256(self) -> str | None:
+        return self.tags.get("base_sha256")
+
+
+@dataclass
+class AuditRecord:
+    op: str
+    """promote, rollback, set_challenger, clear_challenger; `noop` for a request that changed nothing (not stored)."""
+    family: str
+    from_version: str | None
+    to_version: str | None
+    actor: str
+    reason: str
+    ts: float
+
+
+@dataclass
+class ResolvedAdapter:
+    family: str
+    version: str
+    path: Path
+    """Local, hash-verified copy of the PEFT adapter directory."""
+    base_sha256: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def _default_actor() -> str:
+    try:
+        return os.environ.get("ADAPTEROPS_ACTOR") or getpass.getuser()
+    except Exception:  # no user database entry (some containers)
+        return "unknown"
+
+
+def _norm_sha(value: str | None) -> str:
+    return (value or "").strip().lower().removeprefix("sha256:")
+
+
+def _short(value: str | None) -> str:
+    v = _norm_sha(value)
+    return f"sha256:{v[:12]}…" if v else "<none>"
+
+
+class AdapterRegistry:
+    """Adapter families and versions on an MLflow tracking/registry backend (SQLite, PostgreSQL or an MLflow server)."""
+
+    def __init__(self, tracking_uri: str | None = None, retries: int = 3):
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            raise RegistryError(
+                "no MLflow tracking URI: pass tracking_uri or set MLFLOW_TRACKING_URI (e.g. sqlite:///work/mlflow.db)"
+            )
+        scheme = urlparse(uri).scheme
+        if scheme in ("", "file"):
+            raise RegistryError(
+                f"tracking URI {uri!r} is a file store, which MLflow 3.17 no longer supports; "
+                "use sqlite:///path/mlflow.db, postgresql://... or an http(s):// tracking server"
+            )
+        self.tracking_uri = uri
+        self.retries = max(1, retries)
+        self._probe()
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    def __repr__(self) -> str:
+        return f"AdapterRegistry({self._safe_uri()!r})"
+
+    def _safe_uri(self) -> str:
+        p = urlparse(self.tracking_uri)
+        if p.password:
+            return self.tracking_uri.replace(f":{p.password}@", ":***@")
+        return self.tracking_uri
+
+    def _probe(self) -> None:
+        """Fail fast, after `retries` tries, when the backend is down: MLflow itself would retry for minutes."""
+        scheme = urlparse(self.tracking_uri).scheme.split("+")[0]
+        if scheme == "sqlite":
+            return
+        last: Exception | None = None
+        for attempt in range(self.retries):
+            try:
+                if scheme in ("http", "https"):
+                    import urllib.request
+
+                    urllib.request.urlopen(self.tracking_uri.rstrip("/") + "/health", timeout=3).close()
+                else:
+                    import sqlalchemy
+
+                    connect_args = {"connect_timeout": 3} if scheme in ("postgresql", "mysql") else {}
+                    engine = sqlalchemy.create_engine(self.tracking_uri, connect_args=connect_args)
+                    try:
+                        with engine.connect():
+                            pass
+                    finally:
+                        engine.dispose()
+                return
+            except Exception as e:  # noqa: BLE001 - any failure to connect counts
+                last = e
+                if attempt + 1 < self.retries:
+                    time.sleep(0.2 * 2**attempt)
+        first_line = str(last).strip().splitlines()[0] if str(last).strip() else type(last).__name__
+        raise RegistryError(
+            f"MLflow backend {self._safe_uri()} is unreachable after {self.retries} tries: {first_line}; "
+            "start it or fix MLFLOW_TRACKING_URI"
+        ) from last
+
+    # -- runs (a convenience for callers that have no run yet) --------------------------------------------------
+
+    def create_run(self, experiment: str, artifact_location: str | None = None, run_name: str | None = None) -> str:
+        """Create a run in `experiment` (created if missing) and return its id.
+
+        With a SQLite backend and no artifact_location, artifacts go next to the database (`<db dir>/mlartifacts`)
+        rather than into the current directory. A tracking server uses its own artifact root; a direct PostgreSQL URI
+        needs artifact_location (e.g. s3://bucket/mlflow), else MLflow writes to ./mlruns.
+        """
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            scheme = urlparse(self.tracking_uri).scheme
+            if artifact_location is None and scheme == "sqlite":
+                db = Path(self.tracking_uri.removeprefix("sqlite:///"))
+                artifact_location = str(db.parent.resolve() / "mlartifacts" / experiment)
+            elif artifact_location is None and not scheme.startswith("http"):
+                log.warning("experiment %s falls back to MLflow's ./mlruns; pass artifact_location", experiment)
+            exp_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+        else:
+            exp_id = exp.experiment_id
+        return self.client.create_run(exp_id, run_name=run_name).info.run_id
+
+    # -- reading ------------------------------------------------------------------------------------------------
+
+    def _model(self, family: str):
+        from mlflow.exceptions import MlflowException
+
+        validate_name("family", family)
+        try:
+            return self.client.get_registered_model(family)
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                known = ", ".join(self.families()) or "none"
+                raise RegistryError(
+                    f"no adapter family {family!r} in {self!r} (known: {known}); register a version first"
+                ) from None
+            raise
+
+    @staticmethod
+    def _info(mv, aliases: list[str] | None = None) -> VersionInfo:
+        return VersionInfo(
+            family=mv.name,
+            version=str(mv.version),
+            run_id=mv.run_id or None,
+            source=mv.source,
+            tags=dict(mv.tags or {}),
+            aliases=sorted(aliases if aliases is not None else (mv.aliases or [])),
+            created=(mv.creation_timestamp or 0) / 1000.0,
+        )
+
+    def families(self) -> list[str]:
+        out, token = [], None
+        while True:
+            page = self.client.search_registered_models(max_results=1000, page_token=token)
+            out += [m.name for m in page if (m.tags or {}).get(FAMILY_TAG_KEY) == FAMILY_TAG_VALUE]
+            token = page.token
+            if not token:
+                return sorted(out)
+
+    def get(self, family: str, version: str) -> VersionInfo:
+        from mlflow.exceptions import MlflowException
+
+        self._model(family)
+        version = str(version)
+        if not version.isdigit():
+            raise RegistryError(f"version {version!r} of {family!r} is not a version number; use e.g. '3'")
+        try:
+            return self._info(self.client.get_model_version(family, version))
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                have = ", ".join(v.version for v in self.list_versions(family)) or "none"
+                raise RegistryError(f"adapter family {family!r} has no version {version} (it has: {have})") from None
+            raise
+
+    def list_versions(self, family: str) -> list[VersionInfo]:
+        rm = self._model(family)
+        by_version: dict[str, list[str]] = {}
+        for alias, v in (rm.aliases or {}).items():
+            by_version.setdefault(str(v), []).append(alias)
+        out, token = [], None
+        while True:
+            page = self.client.search_model_versions(f"name='{family}'", max_results=1000, page_token=token)
+            out += [self._info(mv, by_version.get(str(mv.version), [])) for mv in page]
+            token = page.token
+            if not token:
+                return sorted(out, key=lambda v: int(v.version))
+
+    def alias(self, family: str, alias: str) -> str | None:
+        self._check_alias(alias)
+        v = (self._model(family).aliases or {}).get(alias)
+        return None if v is None else str(v)
+
+    @staticmethod
+    def _check_alias(alias: str) -> None:
+        if alias not in ALIASES:
+            raise RegistryError(f"unknown alias {alias!r}: adapterops uses {', '.join(ALIASES)}")
+
+    def history(self, family: str) -> list[AuditRecord]:
+        tags = self._model(family).tags or {}
+        return [AuditRecord(**json.loads(tags[k])) for k in sorted(k for k in tags if k.startswith(AUDIT_PREFIX))]
+
+    # -- registering --------------------------------------------------------------------------------------------
+
+    def register(
+        self, family: str, run_id: str, artifacts: dict[str, Path], tags: dict[str, str], gates_passed: bool
+    ) -> VersionInfo:
+        """Log `artifacts` into the run, record their tree hashes and lineage as version tags, create the version."""
+        from mlflow.exceptions import MlflowException
+
+        validate_name("family", family)
+        if "adapter" not in artifacts:
+            raise RegistryError(f"cannot register {family}: artifacts has no 'adapter' entry (the PEFT adapter dir)")
+        adapter = Path(artifacts["adapter"])
+        if not (adapter / "adapter_config.json").is_file():
+            raise RegistryError(
+                f"cannot register {family}: {adapter} is not a PEFT adapter directory (no adapter_config.json); "
+                "pass the directory written by model.save_pretrained()"
+            )
+        if not _norm_sha(tags.get("base_sha256")):
+            raise RegistryError(
+                f"cannot register {family}: tag 'base_sha256' (the base model's weights hash, "
+                "registry.hashing.model_weights_hash) is missing; every version must name its base"
+            )
+        bad = [k for k in tags if k in RESERVED_TAGS or k.startswith("sha256.")]
+        if bad:
+            raise RegistryError(f"cannot register {family}: tags {bad} are set by the registry itself; drop them")
+        for name, path in artifacts.items():
+            validate_name("artifact", name)
+            if not Path(path).exists():
+                raise RegistryError(f"cannot register {family}: artifact {name!r} at {path} does not exist")
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as e:
+            raise RegistryError(
+                f"cannot register {family}: run {run_id!r} not found in {self!r} ({e.message}); pass an existing run"
+            ) from None
+
+        version_tags = {k: str(v) for k, v in tags.items()}
+        for name, path in artifacts.items():
+            path = Path(path)
+            if path.is_dir():
+                version_tags[f"sha256.{name}"] = tree_hash(path)
+                self.client.log_artifacts(run_id, str(path), name)
+            else:
+                version_tags[f"sha256.{name}"] = manifest_hash({path.name: sha256_file(path)})
+                self.client.log_artifact(run_id, str(path), name)
+        version_tags["gates_passed"] = "true" if gates_passed else "false"
+
+        self._ensure_family(family)
+        mv = self.client.create_model_version(family, run.info.artifact_uri, run_id=run_id, tags=version_tags)
+        log.info("registered %s v%s from run %s (gates_passed=%s)", family, mv.version, run_id, gates_passed)
+        return self._info(mv, [])
+
+    def _ensure_family(self, family: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(family, tags={FAMILY_TAG_KEY: FAMILY_TAG_VALUE})
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            self.client.set_registered_model_tag(family, FAMILY_TAG_KEY, FAMILY_TAG_VALUE)
+
+    # -- alias operations ---------------------------------------------------------------------------------------
+
+    def _require_gates(self, info: VersionInfo, what: str) -> None:
+        if not info.gates_passed():
+            raise RegistryError(
+                f"refusing to make {info.family} v{info.version} {what}: its gates failed "
+                f"(gates_passed={info.tags.get('gates_passed')!r}); fix the adapter and register a new version"
+            )
+
+    def promote(
+        self,
+        family: str,
+        version: str,
+        actor: str | None = None,
+        reason: str = "",
+        _fail_after_step: int | None = None,
+    ) -> AuditRecord:
+        """Make `version` the champion; the old champion becomes `previous`; `challenger` is cleared if it was this."""
+        self.recover(family)
+        info = self.get(family, version)
+        self._require_gates(info, "champion")
+        aliases = {k: str(v) for k, v in (self._model(family).aliases or {}).items()}
+        champion = aliases.get("champion")
+        if champion == info.version:
+            msg = f"{family} v{info.version} is already the champion; nothing changed"
+            log.info(msg)
+            return AuditRecord("noop", family, champion, info.version, actor or _default_actor(), msg, time.time())
+        moves = [["set", "previous", champion]] if champion else []
+        moves.append(["set", "champion", info.version])
+        if aliases.get("challenger") == info.version:
+            moves.append(["delete", "challenger", None])
+        return self._start("promote", family, champion, info.version, actor, reason, moves, _fail_after_step)
+
+    def rollback(
+        self, family: str, actor: str | None = None, reason: str = "", _fail_after_step: int | None = None
+    ) -> AuditRecord:
+        """Champion goes back to `previous`; the rolled-back version loses champion and `previous` is cleared."""
+        self.recover(family)
+        aliases = {k: str(v) for k, v in (self._model(family).aliases or {}).items()}
+        champion, previous = aliases.get("champion"), aliases.get("previous")
+        if champion is None:
+            raise RegistryError(f"cannot roll back {family}: it has no champion; promote a version first")
+        if previous is None or previous == champion:
+            raise RegistryError(
+                f"cannot roll back {family}: champion v{champion} has no previous version to return to; "
+                "promote a known-good version instead"
+            )
+        self.get(family, previous)  # clear error if it was deleted
+        moves = [["set", "champion", previous], ["delete", "previous", None]]
+        if aliases.get("challenger") == previous:  # a version is never champion and challenger at once
+            moves.append(["delete", "challenger", None])
+        return self._start("rollback", family, champion, previous, actor, reason, moves, _fail_after_step)
+
+    def set_challenger(
+        self,
+        family: str,
+        version: str,
+        actor: str | None = None,
+        reason: str = "",
+        _fail_after_step: int | None = None,
+    ) -> AuditRecord:
+        """Point `challenger` (the canary) at `version`; refuses failed gates and the current champion."""
+        self.recover(family)
+        info = self.get(family, version)
+        self._require_gates(info, "challenger")
+        aliases = {k: str(v) for k, v in (self._model(family).aliases or {}).items()}
+        if aliases.get("champion") == info.version:
+            raise RegistryError(f"{family} v{info.version} is the champion; a challenger must be another version")
+        current = aliases.get("challenger")
+        if current == info.version:
+            msg = f"{family} v{info.version} is already the challenger; nothing changed"
+            return AuditRecord("noop", family, current, info.version, actor or _default_actor(), msg, time.time())
+        moves = [["set", "challenger", info.version]]
+        return self._start("set_challenger", family, current, info.version, actor, reason, moves, _fail_after_step)
+
+    def clear_challenger(self, family: str, actor: str | None = None, reason: str = "") -> AuditRecord:
+        """Remove the `challenger` alias (a canary that was aborted); a no-op when there is none."""
+        self.recover(family)
+        current = self.alias(family, "challenger")
+        if current is None:
+            msg = f"{family} has no challenger; nothing changed"
+            return AuditRecord("noop", family, None, None, actor or _default_actor(), msg, time.time())
+        moves = [["delete", "challenger", None]]
+        return self._start("clear_challenger", family, current, None, actor, reason, moves, None)
+
+    def recover(self, family: str) -> AuditRecord | None:
+        """Complete an operation that stopped half way (its intent record is still there); None if there is none."""
+        raw = (self._model(family).tags or {}).get(INTENT_TAG)
+        if not raw:
+            return None
+        intent = json.loads(raw)
+        log.warning(
+            "completing an unfinished %s of %s (v%s -> v%s, by %s)",
+            intent["op"], family, intent["from_version"], intent["to_version"], intent["actor"],
+        )
+        return self._run(intent, skip=1, fail_after=None)
+
+    def _start(self, op, family, from_version, to_version, actor, reason, moves, fail_after) -> AuditRecord:
+        tags = self._model(family).tags or {}
+        numbers = [int(k[len(AUDIT_PREFIX) :]) for k in tags if k.startswith(AUDIT_PREFIX)]
+        intent = {
+            "id": uuid.uuid4().hex,
+            "op": op,
+            "family": family,
+            "from_version": from_version,
+            "to_version": to_version,
+            "actor": actor or _default_actor(),
+            "reason": (reason or "")[:_MAX_REASON],
+            "ts": time.time(),
+            "audit_key": f"{AUDIT_PREFIX}{max(numbers, default=0) + 1:06d}",
+            "moves": moves,
+        }
+        return self._run(intent, skip=0, fail_after=fail_after)
+
+    def _steps(self, intent: dict) -> list[tuple[str, Callable[[], None]]]:
+        """The operation as idempotent steps: write intent, each alias move, write audit record, clear intent."""
+        family = intent["family"]
+        record = AuditRecord(**{k: intent[k] for k in AuditRecord.__dataclass_fields__})
+        steps = [("write intent", lambda: self.client.set_registered_model_tag(family, INTENT_TAG, json.dumps(intent)))]
+        for action, alias, version in intent["moves"]:
+            steps.append((f"{action} {alias} {version or ''}".strip(), self._move_fn(intent, action, alias, version)))
+        audit_json = json.dumps(asdict(record))
+        audit_key = intent["audit_key"]
+        steps.append(("write audit", lambda: self.client.set_registered_model_tag(family, audit_key, audit_json)))
+        steps.append(("clear intent", lambda: self.client.delete_registered_model_tag(family, INTENT_TAG)))
+        return steps
+
+    def _move_fn(self, intent: dict, action: str, alias: str, version: str | None):
+        from mlflow.exceptions import MlflowException
+
+        family = intent["family"]
+
+        def move():
+            try:
+                if action == "set":
+                    self.client.set_registered_model_alias(family, alias, version)
+                else:
+                    self.client.delete_registered_model_alias(family, alias)
+            except MlflowException as e:
+                if action == "delete" and e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    return  # already gone: the step is done
+                raise RegistryError(
+                    f"{intent['op']} of {family} (intent {intent['id'][:8]}) cannot {action} alias {alias!r}"
+                    f"{' -> v' + version if version else ''}: {e.message}; check the family's versions, then fix the "
+                    f"aliases by hand and delete the registered-model tag {INTENT_TAG!r}"
+                ) from e
+
+        return move
+
+    def _run(self, intent: dict, skip: int, fail_after: int | None) -> AuditRecord:
+        for number, (name, step) in enumerate(self._steps(intent), start=1):
+            if number <= skip:
+                continue
+            step()
+            if fail_after is not None and number == fail_after:
+                raise SimulatedCrash(f"simulated crash after step {number} ({name}) of {intent['op']}")
+        record = AuditRecord(**{k: intent[k] for k in AuditRecord.__dataclass_fields__})
+        log.info(
+            "%s %s: v%s -> v%s by %s", record.op, record.family, record.from_version, record.to_version, record.actor
+        )
+        return record
+
+    # -- getting adapters out -----------------------------------------------------------------------------------
+
+    def _select(self, family: str, selector: str | None) -> str:
+        if selector is not None and selector.isdigit():
+            return selector
+        alias = selector or "champion"
+        self._check_alias(alias)
+        version = self.alias(family, alias)
+        if version is None:
+            setters = {"champion": ("promote", "rollback"), "challenger": ("set_challenger",)}.get(alias, ())
+            pointed = {r.to_version for r in self.history(family) if r.op in setters and r.to_version}
+            gone = [v for v in pointed if not self._version_exists(family, v)]
+            hint = f" (versions it pointed at were deleted: {', '.join(sorted(set(gone), key=int))})" if gone else ""
+            raise RegistryError(f"{family} has no {alias!r} alias{hint}; promote or set a version first")
+        if not self._version_exists(family, version):
+            raise RegistryError(
+                f"alias {alias!r} of {family} points at v{version}, which no longer exists; "
+                "promote or roll back to fix it"
+            )
+        return version
+
+    def _version_exists(self, family: str, version: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_model_version(family, version)
+            return True
+        except MlflowException:
+            return False
+
+    def resolve(self, ref: str, dest_root: Path, expected_base_sha256: str | None = None) -> ResolvedAdapter:
+        """A local, hash-verified copy of the adapter that `ref` ("family@champion", "family@3", "family") names.
+
+        Refuses (BaseMismatch) before downloading when expected_base_sha256 is not the version's base.
+        """
+        family, selector = parse_ref(ref)
+        version = self._select(family, selector)
+        info = self.get(family, version)
+        base = info.tags.get("base_sha256", "")
+        if expected_base_sha256 is not None and _norm_sha(expected_base_sha256) != _norm_sha(base):
+            raise BaseMismatch(
+                f"adapter {family} v{version} was trained on base {_short(base)}, but the loaded base is "
+                f"{_short(expected_base_sha256)}; retrain or load the matching base"
+            )
+        path = self.download(family, version, "adapter", dest_root)
+        return ResolvedAdapter(family, version, path, base, info.tags)
+
+    def download(self, family: str, version: str, name: str, dest_root: Path) -> Path:
+        """Download artifact `name` of a version to dest_root/<family>/<version>/<name>/ and verify its tree hash.
+
+        A verified copy already there is reused; one that fails verification is replaced. Nothing is left at the
+        destination when the stored artifact itself does not match (CorruptVersionArtifact).
+        """
+        import mlflow.artifacts
+
+        info = self.get(family, version)
+        expected = info.tags.get(f"sha256.{name}")
+        if expected is None:
+            have = ", ".join(sorted(k[len("sha256.") :] for k in info.tags if k.startswith("sha256."))) or "none"
+            raise RegistryError(f"{family} v{info.version} has no artifact {name!r} (it has: {have})")
+        dest = Path(dest_root) / family / info.version / name
+        if dest.is_dir():
+            if tree_hash(dest) == expected:
+                return dest
+            log.warning("local copy %s does not match its recorded hash; downloading it again", dest)
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{name}.{uuid.uuid4().hex[:8]}.partial"
+        try:
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{info.source.rstrip('/')}/{name}", dst_path=str(tmp), tracking_uri=self.tracking_uri
+                )
+            )
+            actual = tree_hash(local)
+            if actual != expected:
+                raise CorruptVersionArtifact(
+                    f"artifact {name!r} of {family} v{info.version} (from {info.source}) has tree sha256 "
+                    f"{actual[:12]}…, but tag sha256.{name} records {expected[:12]}…; the stored copy was modified "
+                    "or damaged, so nothing was loaded: re-register the adapter from its training output"
+                )
+            try:
+                os.rename(local, dest)
+            except OSError:
+                if not (dest.is_dir() and tree_hash(dest) == expected):  # else a concurrent download won
+                    raise
+            return dest
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

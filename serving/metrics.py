@@ -1,0 +1,43 @@
+"""Prometheus request metrics of one serving app, on its own CollectorRegistry (two apps in a process never mix).
+
+    metrics = ServingMetrics()
+    metrics.observe("support-assistant", "3", "canary", "200", latency_s=0.041, completion_tokens=12)
+    generate_latest(metrics.registry)
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ServingMetrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("adapterops_requests_total", "Completion requests served, by adapter and outcome",
+                                ["family", "version", "route", "status"], registry=r)
+        self.errors = Counter("adapterops_request_errors_total", "Failed requests, by adapter and kind",
+                              ["family", "version", "type"], registry=r)
+        self.latency = Histogram("adapterops_request_latency_seconds", "End-to-end completion latency",
+                                 ["family", "version"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("adapterops_completion_tokens_total", "Generated tokens", ["family", "version"],
+                              registry=r)
+        self.feedback = Counter("adapterops_feedback_total", "Feedback scores received", registry=r)
+        self.log_failures = Counter("adapterops_prediction_log_failures_total",
+                                    "Records the prediction log refused", registry=r)
+        self.adapters_loaded = Gauge("adapterops_adapters_loaded", "Adapters in the pool", registry=r)
+        self.rollout_weight = Gauge("adapterops_rollout_challenger_weight", "Challenger traffic share of a family",
+                                    ["family"], registry=r)
+        self.adapter_switches = Gauge("adapterops_adapter_switches", "Adapter switches done by the pool", registry=r)
+
+    def observe(self, family: str, version: str, route: str, status: str, latency_s: float,
+                completion_tokens: int = 0) -> None:
+        self.requests.labels(family, version, route, status).inc()
+        self.latency.labels(family, version).observe(latency_s)
+        if completion_tokens:
+            self.tokens.labels(family, version).inc(completion_tokens)
+
+    def error(self, family: str, version: str, kind: str) -> None:
+        self.errors.labels(family, version, kind).inc()

@@ -1,0 +1,74 @@
+"""Train/serve parity: the served adapter must give the logits the training run saw, before it gets any traffic.
+
+    golden = load_golden(adapter_dir / GOLDEN_FILE)            # written next to the adapter at training time
+    report = check_parity(pool, "support-assistant@3", golden.prompts, golden.logits, golden.mask)
+    report["passed"]   # False blocks the rollout (POST /admin/rollout/start answers 409 with this report)
+
+The comparison itself is monitoring.logit_stats.compare_logits, the same one the merge gates use.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from monitoring.logit_stats import compare_logits
+
+GOLDEN_FILE = "parity_golden.safetensors"
+"""File name, inside an adapter directory, of the golden logits the serving side checks against."""
+
+
+@dataclass
+class Golden:
+    prompts: list[str]
+    logits: torch.Tensor
+    """[B, T, V] logits of the right-padded prompts under the trained model."""
+    mask: torch.Tensor
+    """[B, T] 1 where a token is real, 0 where padding."""
+
+
+def save_golden(path: Path, prompts: list[str], logits: torch.Tensor, mask: torch.Tensor) -> Path:
+    """Write golden logits (and the prompts that made them) as safetensors; returns the path."""
+    if logits.shape[:2] != mask.shape or logits.shape[0] != len(prompts):
+        raise ValueError(f"golden logits {tuple(logits.shape)}, mask {tuple(mask.shape)} and {len(prompts)} prompts "
+                         f"do not line up; pass [B,T,V] logits and a [B,T] mask for B prompts")
+    path = Path(path)
+    save_file({"logits": logits.float().contiguous().cpu(), "mask": mask.to(torch.int8).contiguous().cpu()},
+              str(path), metadata={"prompts": json.dumps(list(prompts))})
+    return path
+
+
+def load_golden(path: Path) -> Golden:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        prompts = json.loads((f.metadata() or {}).get("prompts", "null"))
+    if not isinstance(prompts, list):
+        raise ValueError(f"{path} holds no prompts in its metadata; write it with serving.parity.save_golden")
+    tensors = load_file(str(path))
+    return Golden(prompts, tensors["logits"], tensors["mask"])
+
+
+def check_parity(pool, key: str | None, prompts: list[str], golden_logits: torch.Tensor, golden_mask: torch.Tensor,
+                 min_cosine: float = 0.9999, max_abs: float = 1e-3, min_top1: float = 1.0) -> dict:
+    """Serve `prompts` through pool[key] and compare with the golden logits; {"passed", measured values, thresholds}."""
+    thresholds = {"min_cosine": min_cosine, "max_abs": max_abs, "min_top1": min_top1}
+    served, mask = pool.prompt_logits(list(prompts), key)
+    out = {"key": key, "prompts": len(prompts), "thresholds": thresholds}
+    if served.shape != golden_logits.shape or not torch.equal(mask.bool(), golden_mask.bool().cpu()):
+        return {**out, "passed": False, "failures": [
+            f"served logits {tuple(served.shape)} / token mask do not match the golden {tuple(golden_logits.shape)}: "
+            f"the serving tokenizer or base differs from the training one"]}
+    cmp = compare_logits(golden_logits.float().cpu(), served, golden_mask.cpu())
+    failures = []
+    if not cmp.cosine >= min_cosine:
+        failures.append(f"cosine {cmp.cosine:.6f} < {min_cosine}")
+    if not cmp.max_abs <= max_abs:
+        failures.append(f"max |logit difference| {cmp.max_abs:.3g} > {max_abs}")
+    if not cmp.top1_agreement >= min_top1:
+        failures.append(f"top-1 agreement {cmp.top1_agreement:.4f} < {min_top1}")
+    return {**out, **cmp.as_dict(), "passed": not failures, "failures": failures}

@@ -1,0 +1,592 @@
+"""Adapter-level canary rollout: step a challenger's traffic share up, analyse at each step end, promote or roll back.
+
+    ctl = RolloutController(Path("work/rollouts.json"), RolloutConfig(), on_promote=..., on_rollback=...)
+    ctl.start("support-assistant", champion="2", challenger="3")
+    ctl.weight("support-assistant")              # ("2", "3", 0.05): the router follows this
+    ctl.record("support-assistant", "3", request_id, latency_ms=41.0, error=False, response_nll=1.9)
+    ctl.record_feedback(request_id, 0.8)
+
+The state lives in one JSON file (atomic replace on every change), so a restarted server resumes the rollout where
+it was. Pure Python + numpy/scipy: no model is needed to run or test it.
+
+Statistics, and why they are built this way: a challenger as good as the champion must never be rolled back, yet the
+analysis looks at the data once per step (repeated peeking), with four checks, on arms of very unequal size. So every
+check fails only when the evidence says the challenger is worse *by more than the configured margin*, at level
+alpha / (len(steps) * 4) (Bonferroni over the planned analyses and the checks):
+- error rate: an exact binomial test must say the challenger's error rate is above the champion's upper confidence
+  bound plus `max_error_rate_delta`;
+- latency: the challenger's p95 must exceed the threshold max(ratio * champion p95, champion p95 + slack), and a
+  one-sided binomial test must say that more than 5% of challenger requests are above that threshold;
+- feedback: the challenger's mean must be lower by more than `feedback_margin`, and a one-sided Mann-Whitney U test
+  of (challenger + margin) against the champion must be significant (the non-inferiority form of the test, whose
+  false-alarm rate at equal arms falls to zero as samples grow, unlike the plain test that stays at alpha);
+- response NLL (if an offline baseline was given): mean online NLL / offline NLL above `nll_ratio_max`, with a
+  one-sided t-test against that bound.
+A check that fails at that level only makes the challenger a suspect: the weight is held (no advance) and the rollback
+needs the same check to fail again on fresh challenger samples (those after the suspicion, against the champion's
+cumulative ones), unless its p-value is already below the level squared ("decisive"). Two independent windows make a
+false rollback of an equal challenger about alpha^2-rare, at the cost of one more step at the same (small) weight for a
+bad one. A check with fewer than `min_samples` per arm is "insufficient" and never fails the rollout. A step does not
+hand the challenger more traffic until the challenger has `min_samples` requests (the step is extended instead), so a
+broken challenger is caught at its smallest traffic share.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from scipy import stats
+
+log = logging.getLogger(__name__)
+
+RUNNING = "running"
+ROLLING_BACK = "rolling_back"
+PROMOTED = "promoted"
+ROLLED_BACK = "rolled_back"
+ABORTED = "aborted"
+ACTIVE = (RUNNING, ROLLING_BACK)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+PASS, FAIL, INSUFFICIENT, SKIPPED = "pass", "fail", "insufficient", "skipped"
+
+_MAX_REQUEST_IDS = 100_000  # request_id -> arm map kept for feedback; oldest dropped beyond this
+_MAX_FINISHED = 20
+
+
+class RolloutError(ValueError):
+    """A rollout operation that cannot be done in the current state (maps to HTTP 409)."""
+
+
+@dataclass
+class RolloutConfig:
+    steps: tuple[float, ...] = (0.05, 0.25, 0.5, 1.0)
+    """Challenger traffic share per step, strictly increasing, in (0, 1]."""
+    requests_per_step: int = 100
+    """Total requests (both arms) that end a step."""
+    max_seconds_per_step: float | None = None
+    """A step also ends after this long (checked when requests arrive, or on tick())."""
+    min_samples: int = 10
+    """Per arm, before a comparison counts; fewer -> the check is "insufficient" (never a failure)."""
+    max_error_rate_delta: float = 0.05
+    """Challenger error rate may exceed the champion's by at most this."""
+    latency_p95_ratio: float = 2.0
+    latency_slack_ms: float = 100.0
+    """Challenger p95 <= max(ratio * champion p95, champion p95 + slack)."""
+    feedback_margin: float = 0.05
+    alpha: float = 0.05
+    """Fail on feedback when the challenger's mean is lower by > margin and the one-sided test is significant."""
+    nll_ratio_max: float = 1.5
+    """Challenger's mean online response NLL over its offline baseline (only when a baseline is given)."""
+    gradual_rollback: bool = False
+    """On failure, step traffic down through the steps in reverse instead of cutting to 0."""
+    extend_until_min_samples: bool = True
+    """Do not raise the challenger's share until it has min_samples requests: extend the step instead."""
+
+    def __post_init__(self):
+        self.steps = tuple(float(s) for s in self.steps)
+        if not self.steps:
+            raise ValueError("a rollout needs at least one step")
+        if any(not 0.0 < s <= 1.0 for s in self.steps) or any(b <= a for a, b in zip(self.steps, self.steps[1:])):
+            raise ValueError(f"steps must be strictly increasing shares in (0, 1], got {self.steps}")
+        if self.requests_per_step < 1 or self.min_samples < 1:
+            raise ValueError("requests_per_step and min_samples must be >= 1")
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+        if self.max_seconds_per_step is not None and self.max_seconds_per_step <= 0:
+            raise ValueError("max_seconds_per_step must be > 0 or None")
+        if self.latency_p95_ratio < 1.0 or self.latency_slack_ms < 0 or self.max_error_rate_delta < 0:
+            raise ValueError("latency_p95_ratio must be >= 1, latency_slack_ms and max_error_rate_delta >= 0")
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["steps"] = list(self.steps)
+        return d
+
+
+# ---------------------------------------------------------------------------------------------------- analysis
+
+
+def _wilson_upper(k: int, n: int, z: float) -> float:
+    p = k / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return min(1.0, center + half)
+
+
+def check_error_rate(champion_errors: list[bool], challenger_errors: list[bool], cfg: RolloutConfig,
+                     alpha: float) -> dict:
+    """Exact binomial test of the challenger's errors against (champion's upper confidence bound + delta).
+
+    Both sides are conservative: the champion's rate is taken at its upper bound, and the challenger must exceed that
+    plus the allowed delta significantly. A small arm therefore needs many errors to fail, e.g. 5 of 10 when the
+    champion has 1 error in 200.
+    """
+    n_a, n_b = len(champion_errors), len(challenger_errors)
+    out = {"champion_n": n_a, "challenger_n": n_b, "threshold": cfg.max_error_rate_delta, "alpha": alpha}
+    if min(n_a, n_b) < cfg.min_samples:
+        return {**out, "verdict": INSUFFICIENT}
+    k_a, k_b = int(sum(champion_errors)), int(sum(challenger_errors))
+    p_a, p_b = k_a / n_a, k_b / n_b
+    upper_a = _wilson_upper(k_a, n_a, float(stats.norm.ppf(1 - alpha)))
+    null_rate = min(1.0, upper_a + cfg.max_error_rate_delta)
+    p_value = float(stats.binom.sf(k_b - 1, n_b, null_rate)) if null_rate < 1.0 else 1.0
+    verdict = FAIL if (p_b - p_a > cfg.max_error_rate_delta and p_value < alpha) else PASS
+    return {**out, "champion_rate": p_a, "challenger_rate": p_b, "delta": p_b - p_a, "champion_upper": upper_a,
+            "null_rate": null_rate, "p_value": p_value, "verdict": verdict}
+
+
+def check_latency(champion_ms: list[float], challenger_ms: list[float], cfg: RolloutConfig, alpha: float) -> dict:
+    n_a, n_b = len(champion_ms), len(challenger_ms)
+    out = {"champion_n": n_a, "challenger_n": n_b, "alpha": alpha}
+    if min(n_a, n_b) < cfg.min_samples:
+        return {**out, "verdict": INSUFFICIENT}
+    p95_a, p95_b = float(np.percentile(champion_ms, 95)), float(np.percentile(challenger_ms, 95))
+    threshold = max(cfg.latency_p95_ratio * p95_a, p95_a + cfg.latency_slack_ms)
+    above = int(np.sum(np.asarray(challenger_ms) > threshold))
+    # p95 > threshold  <=>  more than 5% of requests above it: test that share, not the noisy p95 of a small arm.
+    p_value = float(stats.binomtest(above, n_b, 0.05, alternative="greater").pvalue)
+    verdict = FAIL if (p95_b > threshold and p_value < alpha) else PASS
+    return {**out, "champion_p95_ms": p95_a, "challenger_p95_ms": p95_b, "threshold": threshold,
+            "challenger_share_above": above / n_b, "p_value": p_value, "verdict": verdict}
+
+
+def check_feedback(champion_scores: list[float], challenger_scores: list[float], cfg: RolloutConfig,
+                   alpha: float) -> dict:
+    n_a, n_b = len(champion_scores), len(challenger_scores)
+    out = {"champion_n": n_a, "challenger_n": n_b, "threshold": cfg.feedback_margin, "alpha": alpha}
+    if min(n_a, n_b) < cfg.min_samples:
+        return {**out, "verdict": INSUFFICIENT}
+    a, b = np.asarray(champion_scores, float), np.asarray(challenger_scores, float)
+    drop = float(a.mean() - b.mean())
+    # Non-inferiority: is the challenger worse than the champion by more than the margin?
+    p_value = float(stats.mannwhitneyu(b + cfg.feedback_margin, a, alternative="less").pvalue)
+    if not math.isfinite(p_value):
+        p_value = 1.0
+    verdict = FAIL if (drop > cfg.feedback_margin and p_value < alpha) else PASS
+    return {**out, "champion_mean": float(a.mean()), "challenger_mean": float(b.mean()), "drop": drop,
+            "p_value": p_value, "verdict": verdict}
+
+
+def check_nll(challenger_nll: list[float], offline_nll: float | None, cfg: RolloutConfig, alpha: float) -> dict:
+    out = {"challenger_n": len(challenger_nll), "offline_nll": offline_nll, "threshold": cfg.nll_ratio_max,
+           "alpha": alpha}
+    if offline_nll is None or not offline_nll > 0:
+        return {**out, "verdict": SKIPPED}
+    if len(challenger_nll) < cfg.min_samples:
+        return {**out, "verdict": INSUFFICIENT}
+    x = np.asarray(challenger_nll, float)
+    bound = cfg.nll_ratio_max * offline_nll
+    ratio = float(x.mean() / offline_nll)
+    if float(x.std()) <= 1e-9 * max(1.0, abs(float(x.mean()))):  # greedy outputs can repeat exactly: no t-test
+        p_value = 0.0 if x.mean() > bound else 1.0
+    else:
+        p_value = float(stats.ttest_1samp(x, bound, alternative="greater").pvalue)
+    verdict = FAIL if (ratio > cfg.nll_ratio_max and p_value < alpha) else PASS
+    return {**out, "online_nll": float(x.mean()), "ratio": ratio, "p_value": p_value, "verdict": verdict}
+
+
+_N_CHECKS = 4
+
+
+def analyze(rollout: dict, cfg: RolloutConfig, since: int = 0) -> dict:
+    """All checks over a rollout state dict: the champion's cumulative samples against the challenger's samples from
+    index `since` on (0: cumulative; > 0: the fresh window that confirms a suspicion).
+
+    A check "fail"s at alpha / (steps * checks); it is "decisive" when its p-value is below that level squared, the
+    evidence that two independent windows failing at the plain level would give.
+    """
+    alpha = cfg.alpha / (len(cfg.steps) * _N_CHECKS)
+    s, f = rollout["samples"], rollout["feedback"]
+    champ, chall = s[CHAMPION], {k: v[since:] for k, v in s[CHALLENGER].items()}
+    checks = {
+        "error_rate": check_error_rate(champ["error"], chall["error"], cfg, alpha),
+        "latency_p95": check_latency(champ["latency_ms"], chall["latency_ms"], cfg, alpha),
+        "feedback": check_feedback([score for _, score in f[CHAMPION].values()],
+                                   [score for seq, score in f[CHALLENGER].values() if seq >= since], cfg, alpha),
+        "response_nll": check_nll([x for x in chall["nll"] if x is not None and math.isfinite(x)],
+                                  rollout.get("offline_nll"), cfg, alpha),
+    }
+    for c in checks.values():
+        c["decisive"] = c["verdict"] == FAIL and c["p_value"] < alpha * alpha
+    failed = [name for name, c in checks.items() if c["verdict"] == FAIL]
+    return {"verdict": FAIL if failed else PASS, "failed": failed, "decisive": [n for n in failed if
+                                                                                 checks[n]["decisive"]],
+            "since": since, "checks": checks}
+
+
+def _fail_reason(analysis: dict, names: list[str]) -> str:
+    parts = []
+    for name in names:
+        c = analysis["checks"][name]
+        if name == "error_rate":
+            parts.append(f"error rate {c['challenger_rate']:.3f} vs champion {c['champion_rate']:.3f} "
+                         f"(delta > {c['threshold']}, p={c['p_value']:.2g})")
+        elif name == "latency_p95":
+            parts.append(f"p95 latency {c['challenger_p95_ms']:.1f} ms > threshold {c['threshold']:.1f} ms")
+        elif name == "feedback":
+            parts.append(f"feedback {c['challenger_mean']:.3f} vs champion {c['champion_mean']:.3f} "
+                         f"(drop {c['drop']:.3f} > {c['threshold']}, p={c['p_value']:.2g})")
+        elif name == "response_nll":
+            parts.append(f"response NLL {c['online_nll']:.3f} is {c['ratio']:.2f}x the offline {c['offline_nll']:.3f}"
+                         f" (> {c['threshold']})")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------- controller
+
+
+def _empty_arms() -> dict:
+    return {arm: {"latency_ms": [], "error": [], "nll": []} for arm in (CHAMPION, CHALLENGER)}
+
+
+class RolloutController:
+    """Runs at most one rollout per family; state persisted to `state_path` on every change."""
+
+    def __init__(self, state_path: Path, config: RolloutConfig, on_promote: Callable[[str, str], None],
+                 on_rollback: Callable[[str, str, str], None], persist_interval_s: float = 0.5):
+        self.persist_interval_s = persist_interval_s
+        self._last_save = float("-inf")
+        self._dirty = False
+        self.state_path = Path(state_path)
+        self.config = config
+        self.on_promote = on_promote
+        self.on_rollback = on_rollback
+        self._listeners: list[Callable[[str], None]] = []
+        self._lock = threading.RLock()
+        self._state = self._load()
+
+    # ------------------------------------------------------------------ public API
+
+    def subscribe(self, listener: Callable[[str], None]) -> None:
+        """Call listener(family) after every change of a family's weights (start, step, promote, rollback, abort)."""
+        self._listeners.append(listener)
+
+    def start(self, family: str, champion: str, challenger: str, offline_nll: float | None = None) -> dict:
+        if champion == challenger:
+            raise RolloutError(f"challenger {challenger} is the champion already; nothing to roll out")
+        with self._lock:
+            old = self._state["rollouts"].get(family)
+            if old is not None and old["status"] in ACTIVE:
+                raise RolloutError(f"family {family} has a rollout of version {old['challenger']} in progress; "
+                                   f"abort it first")
+            if old is not None:
+                self._archive(old)
+            now = time.time()
+            cfg = self.config
+            ro = {
+                "id": uuid.uuid4().hex, "family": family, "champion": champion, "challenger": challenger,
+                "offline_nll": offline_nll, "status": RUNNING, "step": 0, "weight": cfg.steps[0],
+                "step_started_at": now, "step_requests": 0, "started_at": now, "ended_at": None, "reason": None,
+                "config": cfg.as_dict(), "samples": _empty_arms(), "suspect": None,
+                "feedback": {CHAMPION: {}, CHALLENGER: {}}, "history": [], "callback_errors": [],
+            }
+            self._state["rollouts"][family] = ro
+            self._save(durable=True)
+            snapshot = self._public(ro)
+        self._notify(family)
+        return snapshot
+
+    def abort(self, family: str, reason: str) -> dict:
+        with self._lock:
+            ro = self._active(family)
+            self._end(ro, ABORTED, reason)
+            self._save(durable=True)
+            snapshot = self._public(ro)
+        self._notify(family)
+        return snapshot
+
+    def status(self, family: str | None = None) -> dict:
+        self.tick()
+        with self._lock:
+            if family is not None:
+                ro = self._state["rollouts"].get(family)
+                if ro is None:
+                    raise KeyError(f"no rollout for family {family}")
+                return self._public(ro)
+            return {"rollouts": {f: self._public(ro) for f, ro in self._state["rollouts"].items()},
+                    "finished": list(self._state["finished"])}
+
+    def weight(self, family: str) -> tuple[str | None, str | None, float]:
+        """(champion, challenger, challenger weight) now; after the end: the winner alone with weight 0."""
+        with self._lock:
+            ro = self._state["rollouts"].get(family)
+            if ro is None:
+                return None, None, 0.0
+            if ro["status"] in ACTIVE:
+                return ro["champion"], ro["challenger"], ro["weight"]
+            if ro["status"] == PROMOTED:
+                return ro["challenger"], None, 0.0
+            return ro["champion"], None, 0.0
+
+    def is_active(self, family: str) -> bool:
+        with self._lock:
+            ro = self._state["rollouts"].get(family)
+            return ro is not None and ro["status"] in ACTIVE
+
+    def record(self, family: str, version: str, request_id: str, latency_ms: float, error: bool,
+               response_nll: float | None) -> None:
+        """One served request of a family; ignored unless a rollout of that family is active and version is an arm."""
+        events: list[tuple] = []
+        with self._lock:
+            ro = self._state["rollouts"].get(family)
+            if ro is None or ro["status"] not in ACTIVE:
+                return
+            if version == ro["challenger"]:
+                arm = CHALLENGER
+            elif version == ro["champion"]:
+                arm = CHAMPION
+            else:
+                return
+            s = ro["samples"][arm]
+            s["latency_ms"].append(float(latency_ms))
+            s["error"].append(bool(error))
+            nll = None if response_nll is None or not math.isfinite(response_nll) else float(response_nll)
+            s["nll"].append(nll)
+            ro["step_requests"] += 1
+            arms = self._state["request_arms"]
+            arms[request_id] = [ro["id"], arm, len(s["error"]) - 1]
+            if len(arms) > _MAX_REQUEST_IDS:
+                for rid in list(arms)[: len(arms) - _MAX_REQUEST_IDS]:
+                    del arms[rid]
+            durable = self._maybe_end_step(ro, time.time(), events)
+            self._save(durable=durable)
+        self._fire(events)
+
+    def record_feedback(self, request_id: str, score: float) -> bool:
+        """Feedback in [0, 1] for a request recorded in an active rollout; False if the id is not known here."""
+        with self._lock:
+            hit = self._state["request_arms"].get(request_id)
+            if hit is None:
+                return False
+            rid, arm, seq = hit
+            for ro in self._state["rollouts"].values():
+                if ro["id"] == rid and ro["status"] in ACTIVE:
+                    ro["feedback"][arm][request_id] = [seq, float(score)]
+                    self._save(durable=False)
+                    return True
+            return False
+
+    def tick(self) -> None:
+        """End steps whose time ran out (max_seconds_per_step); cheap, call it as often as you like."""
+        events: list[tuple] = []
+        with self._lock:
+            now = time.time()
+            changed = False
+            for ro in self._state["rollouts"].values():
+                if ro["status"] in ACTIVE:
+                    changed |= self._maybe_end_step(ro, now, events)
+            if changed:
+                self._save(durable=True)
+        self._fire(events)
+
+    # ------------------------------------------------------------------ steps
+
+    def _cfg(self, ro: dict) -> RolloutConfig:
+        return RolloutConfig(**ro["config"])
+
+    def _maybe_end_step(self, ro: dict, now: float, events: list) -> bool:
+        cfg = self._cfg(ro)
+        by_requests = ro["step_requests"] >= cfg.requests_per_step
+        by_time = cfg.max_seconds_per_step is not None and now - ro["step_started_at"] >= cfg.max_seconds_per_step
+        if not (by_requests or by_time):
+            return False
+        family = ro["family"]
+        entry = {"step": ro["step"], "weight": ro["weight"], "requests": ro["step_requests"],
+                 "seconds": round(now - ro["step_started_at"], 3), "ended_at": now,
+                 "ended_by": "requests" if by_requests else "time"}
+        if ro["status"] == ROLLING_BACK:
+            entry["decision"] = "step_down"
+            ro["history"].append(entry)
+            self._step_down(ro, now, events)
+            events.append(("weights", family))
+            return True
+        analysis = analyze(ro, cfg)
+        entry["analysis"] = analysis
+        last = ro["step"] == len(cfg.steps) - 1
+        suspect = ro.get("suspect")
+        failure = None
+        if analysis["decisive"]:
+            failure = _fail_reason(analysis, analysis["decisive"])
+        elif suspect is not None:
+            confirm = analyze(ro, cfg, since=suspect["since"])
+            entry["confirmation"] = confirm
+            again = [n for n in suspect["checks"] if n in confirm["failed"]]
+            if again:
+                failure = _fail_reason(confirm, again) + " (confirmed on fresh samples)"
+            elif all(confirm["checks"][n]["verdict"] == INSUFFICIENT for n in suspect["checks"]):
+                entry["decision"] = "hold"  # the fresh window is still too small to confirm or clear
+                ro["history"].append(entry)
+                ro["step_requests"], ro["step_started_at"] = 0, now
+                events.append(("weights", family))
+                return True
+            else:
+                ro["suspect"] = None
+                entry["suspicion_cleared"] = suspect["checks"]
+        if failure is None and analysis["failed"] and suspect is None:
+            # First failure at the plain level: hold the weight and confirm on fresh challenger samples.
+            ro["suspect"] = {"checks": analysis["failed"], "since": len(ro["samples"][CHALLENGER]["error"]),
+                             "at": now}
+            entry["decision"] = "hold"
+            ro["history"].append(entry)
+            ro["step_requests"], ro["step_started_at"] = 0, now
+            events.append(("weights", family))
+            return True
+        if failure is not None:
+            reason = failure
+            entry["decision"] = "rollback"
+            ro["history"].append(entry)
+            ro["reason"] = reason
+            if cfg.gradual_rollback and ro["step"] > 0:
+                ro["status"] = ROLLING_BACK
+                self._step_down(ro, now, events)
+            else:
+                self._end(ro, ROLLED_BACK, reason)
+                events.append(("rollback", family, ro["challenger"], reason))
+        elif (cfg.extend_until_min_samples
+              and analysis["checks"]["error_rate"]["challenger_n"] < cfg.min_samples):
+            entry["decision"] = "extend"
+            ro["history"].append(entry)
+            ro["step_requests"] = 0
+            ro["step_started_at"] = now
+        elif last:
+            entry["decision"] = "promote"
+            ro["history"].append(entry)
+            self._end(ro, PROMOTED, "all steps passed")
+            events.append(("promote", family, ro["challenger"]))
+        else:
+            entry["decision"] = "advance"
+            ro["history"].append(entry)
+            ro["step"] += 1
+            ro["weight"] = cfg.steps[ro["step"]]
+            ro["step_requests"] = 0
+            ro["step_started_at"] = now
+        events.append(("weights", family))
+        return True
+
+    def _step_down(self, ro: dict, now: float, events: list) -> None:
+        cfg = self._cfg(ro)
+        ro["step"] -= 1
+        ro["step_requests"] = 0
+        ro["step_started_at"] = now
+        if ro["step"] < 0:
+            ro["step"] = 0
+            self._end(ro, ROLLED_BACK, ro["reason"])
+            events.append(("rollback", ro["family"], ro["challenger"], ro["reason"]))
+        else:
+            ro["weight"] = cfg.steps[ro["step"]]
+
+    def _end(self, ro: dict, status: str, reason: str) -> None:
+        ro["status"] = status
+        ro["reason"] = reason
+        ro["weight"] = 1.0 if status == PROMOTED else 0.0
+        ro["ended_at"] = time.time()
+
+    def _active(self, family: str) -> dict:
+        ro = self._state["rollouts"].get(family)
+        if ro is None or ro["status"] not in ACTIVE:
+            raise RolloutError(f"family {family} has no rollout in progress")
+        return ro
+
+    def _archive(self, ro: dict) -> None:
+        summary = {k: ro[k] for k in ("id", "family", "champion", "challenger", "status", "reason", "started_at",
+                                      "ended_at")}
+        self._state["finished"] = (self._state["finished"] + [summary])[-_MAX_FINISHED:]
+
+    # ------------------------------------------------------------------ callbacks
+
+    def _notify(self, family: str) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(family)
+            except Exception:
+                log.exception("rollout listener failed for family %s", family)
+
+    def _fire(self, events: list[tuple]) -> None:
+        """Run callbacks outside the lock: they may call back into the controller (weight(), status())."""
+        for ev in events:
+            kind, family = ev[0], ev[1]
+            try:
+                if kind == "promote":
+                    self.on_promote(family, ev[2])
+                elif kind == "rollback":
+                    self.on_rollback(family, ev[2], ev[3])
+            except Exception as exc:
+                log.exception("rollout %s callback failed for family %s", kind, family)
+                with self._lock:
+                    ro = self._state["rollouts"].get(family)
+                    if ro is not None:
+                        ro["callback_errors"].append(f"{kind}: {type(exc).__name__}: {exc}")
+                        self._save(durable=True)
+            if kind == "weights":
+                self._notify(family)
+
+    # ------------------------------------------------------------------ persistence
+
+    def _public(self, ro: dict) -> dict:
+        out = {k: v for k, v in ro.items() if k not in ("samples", "feedback")}
+        out["history"] = json.loads(json.dumps(ro["history"]))
+        out["counts"] = {arm: {"requests": len(ro["samples"][arm]["error"]),
+                               "errors": int(sum(ro["samples"][arm]["error"])),
+                               "feedback": len(ro["feedback"][arm])} for arm in (CHAMPION, CHALLENGER)}
+        return out
+
+    def _load(self) -> dict:
+        if not self.state_path.exists():
+            return {"format": 1, "rollouts": {}, "finished": [], "request_arms": {}}
+        try:
+            state = json.loads(self.state_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise RuntimeError(f"rollout state {self.state_path} is not valid JSON ({exc}); restore it from backup "
+                               f"or move it away to start with no rollouts") from exc
+        state.setdefault("finished", [])
+        state.setdefault("request_arms", {})
+        return state
+
+    def flush(self) -> None:
+        """Write samples recorded since the last save (call on shutdown)."""
+        with self._lock:
+            if self._dirty:
+                self._save(durable=True)
+
+    def _save(self, durable: bool) -> None:
+        """Write-to-temp then os.replace: a crash leaves the old or the new file, never half of one.
+
+        Step transitions, starts and ends are written (and fsynced) at once; plain samples at most every
+        `persist_interval_s`, so a crash loses at most that much of the current step's samples.
+        """
+        now = time.monotonic()
+        if not durable and now - self._last_save < self.persist_interval_s:
+            self._dirty = True
+            return
+        self._last_save = now
+        self._dirty = False
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".rollout-", suffix=".json", dir=self.state_path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self._state, separators=(",", ":")))
+                f.flush()
+                if durable:
+                    os.fsync(f.fileno())
+            os.replace(tmp, self.state_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+__all__ = ["RolloutConfig", "RolloutController", "RolloutError", "analyze", "check_error_rate", "check_latency",
+           "check_feedback", "check_nll"]

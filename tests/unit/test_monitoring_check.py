@@ -1,0 +1,154 @@
+"""`monitor check` logic without the real embedding model: JSONL parsing, columns, embeddings reuse, JSON contract.
+
+The encoder here is a stand-in for MiniLM (a bag-of-words hash); the real model runs in
+tests/integration/test_monitoring_embeddings.py.
+"""
+
+import json
+import zlib
+
+import numpy as np
+import pytest
+
+from monitoring.check import check_windows, load_jsonl, rows_to_columns, run_check
+from monitoring.drift import EMBEDDING_STAT, DriftConfig
+from monitoring.embeddings import EmbeddingIndex
+
+
+class BagOfWordsEncoder:
+    """Deterministic text encoder: hashed word counts, 64 dims. Records what it was asked to encode."""
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def encode(self, texts, batch_size=64, **kw):
+        self.calls.append(list(texts))
+        out = np.zeros((len(texts), 64), np.float32)
+        for i, t in enumerate(texts):
+            for w in t.lower().split():
+                out[i, zlib.crc32(w.encode()) % 64] += 1.0
+        return out
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _prompts(topic_words, n, seed):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(topic_words, size=6)) for _ in range(n)]
+
+
+ORDER_WORDS = ["order", "cancel", "purchase", "track", "item", "buy", "cart", "checkout"]
+OTHER_WORDS = ["weather", "poem", "python", "guitar", "planet", "recipe", "soccer", "novel"]
+
+
+def test_load_jsonl_errors_name_file_and_line(tmp_path):
+    p = tmp_path / "w.jsonl"
+    p.write_text('{"prompt": "a"}\n\n{"prompt": "b"\n')
+    with pytest.raises(ValueError, match=r"w\.jsonl:3: malformed JSON"):
+        load_jsonl(p)
+    p.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    with pytest.raises(ValueError, match=r'w\.jsonl:2: row has no string "prompt"'):
+        load_jsonl(p)
+    p.write_text('{"prompt": "a"}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"w\.jsonl:2: expected a JSON object"):
+        load_jsonl(p)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        load_jsonl(tmp_path / "missing.jsonl")
+    p.write_text('{"prompt": "a"}\n\n{"prompt": "b", "prompt_nll": 1.5}\n')
+    assert [r["prompt"] for r in load_jsonl(p)] == ["a", "b"]
+
+
+def test_rows_to_columns():
+    cols = rows_to_columns([{"prompt": "a", "prompt_nll": 1}, {"prompt": "b", "prompt_nll": None}, {"prompt": "c"}],
+                           ("prompt_nll", "gen_entropy"))
+    np.testing.assert_array_equal(cols["prompt_nll"], [1.0, np.nan, np.nan])
+    assert np.isnan(cols["gen_entropy"]).all() and cols["gen_entropy"].shape == (3,)
+    with pytest.raises(ValueError, match="row 0: prompt_nll='high' is not a number"):
+        rows_to_columns([{"prompt": "a", "prompt_nll": "high"}], ("prompt_nll",))
+
+
+def test_check_windows_embeds_each_prompt_once_and_detects_topic_shift():
+    ref = [{"prompt": p} for p in _prompts(ORDER_WORDS, 120, 0)]
+    same = [{"prompt": p} for p in _prompts(ORDER_WORDS, 120, 1)]
+    shifted = [{"prompt": p} for p in _prompts(OTHER_WORDS, 120, 2)]
+    # A repeated prompt across windows and one row that already carries its max-cos.
+    same[0]["prompt"] = ref[0]["prompt"]
+    shifted[5][EMBEDDING_STAT] = 0.123
+    enc = BagOfWordsEncoder()
+    cfg = DriftConfig(stats=(EMBEDDING_STAT,))
+    ok, drift = check_windows(ref, [same, shifted], cfg, encoder=enc)
+    assert len(enc.calls) == 1
+    encoded = enc.calls[0]
+    assert len(encoded) == len(set(encoded))
+    assert shifted[5]["prompt"] not in encoded
+    assert ok.status == "ok" and drift.status == "drift"
+    assert drift.tests[0].name == EMBEDDING_STAT and drift.tests[0].n_current == 120
+
+
+def test_check_windows_against_a_training_index():
+    enc = BagOfWordsEncoder()
+    index = EmbeddingIndex(enc.encode(_prompts(ORDER_WORDS, 200, 3)))
+    ref = [{"prompt": p} for p in _prompts(ORDER_WORDS, 100, 4)]
+    cur = [{"prompt": p} for p in _prompts(OTHER_WORDS, 100, 5)]
+    (res,) = check_windows(ref, [cur], DriftConfig(stats=(EMBEDDING_STAT,)), encoder=enc, index=index)
+    assert res.drift
+
+
+def test_without_encoder_embedding_stat_is_not_tested():
+    rng = np.random.default_rng(0)
+    ref = [{"prompt": "p", "prompt_nll": float(x)} for x in rng.normal(0, 1, 100)]
+    cur = [{"prompt": "p", "prompt_nll": float(x)} for x in rng.normal(0, 1, 100)]
+    (res,) = check_windows(ref, [cur], DriftConfig())
+    tests = {t.name: t for t in res.tests}
+    assert res.status == "ok"
+    assert tests["prompt_nll"].n_current == 100 and not np.isnan(tests["prompt_nll"].p_value)
+    assert "not tested" in tests[EMBEDDING_STAT].note
+    with pytest.raises(ValueError, match="reference window has no rows"):
+        check_windows([], [cur], DriftConfig())
+
+
+def test_run_check_json_contract_with_logged_stats(tmp_path):
+    rng = np.random.default_rng(1)
+
+    def rows(shift, n):
+        return [{"prompt": f"q{i}", "prompt_nll": float(rng.normal(shift, 1)), "gen_entropy": float(rng.normal()),
+                 "gen_max_prob": float(rng.uniform()), EMBEDDING_STAT: float(rng.uniform(0.6, 0.9))}
+                for i in range(n)]
+
+    ref = _write(tmp_path / "ref.jsonl", rows(0.0, 200))
+    cur_ok = _write(tmp_path / "ok.jsonl", rows(0.0, 200))
+    cur_bad = _write(tmp_path / "bad.jsonl", rows(1.0, 200))
+    small = _write(tmp_path / "small.jsonl", rows(5.0, 20))
+    out_path = tmp_path / "out" / "verdict.json"
+
+    # Every row carries its max-cos, so no encoder is needed even with embeddings on.
+    out = run_check(ref, [cur_ok, cur_bad, small], out_path)
+    assert json.loads(out_path.read_text()) == out
+    assert out["drift"] is True
+    assert [r["current"] for r in out["results"]] == [str(cur_ok), str(cur_bad), str(small)]
+    assert [r["status"] for r in out["results"]] == ["ok", "drift", "insufficient_data"]
+    fired = [t["name"] for t in out["results"][1]["tests"] if t["fired"]]
+    assert fired == ["prompt_nll"]
+    assert out["config"]["alpha"] == 0.01 and out["config"]["reference"] == str(ref)
+    assert "status" not in out  # several windows: no single top-level verdict
+    assert list(out_path.parent.iterdir()) == [out_path]  # no temp file left behind
+
+    one = run_check(ref, [cur_ok], out_path, use_embeddings=False)
+    assert one["drift"] is False and one["status"] == "ok" and one["current"] == str(cur_ok)
+    assert len(one["tests"]) == 4 and one["tests"] == one["results"][0]["tests"]
+
+
+def test_run_check_leaves_previous_output_on_error(tmp_path):
+    out_path = tmp_path / "verdict.json"
+    out_path.write_text('{"previous": true}')
+    ref = _write(tmp_path / "ref.jsonl", [{"prompt": "a"}])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1"):
+        run_check(ref, [bad], out_path, use_embeddings=False)
+    assert json.loads(out_path.read_text()) == {"previous": True}
+    with pytest.raises(ValueError, match="at least one --current"):
+        run_check(ref, [], out_path)
