@@ -14,9 +14,14 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from scipy.stats import ks_2samp
 
 from monitoring.logit_stats import REQUEST_STATS
+
+
+def _ks_2samp(*args, **kwargs):
+    from scipy.stats import ks_2samp  # imported on use: scipy.stats costs ~1 s, the CLI's --help should not pay it
+
+    return ks_2samp(*args, **kwargs)
 
 # Column name of the per-request max cosine similarity of the prompt's embedding to the reference (or training)
 # prompts; a drop in it means prompts unlike anything seen before.
@@ -171,7 +176,7 @@ def detect(reference: dict[str, np.ndarray], current: dict[str, np.ndarray], cfg
             skipped.append(TestResult(name, math.nan, math.nan, math.nan, False, int(ref.size), int(cur.size),
                                       note=f"not tested: {'; '.join(short)} (min_window={cfg.min_window})"))
             continue
-        ks = ks_2samp(ref, cur)
+        ks = _ks_2samp(ref, cur)
         tested.append(TestResult(name, float(ks.statistic), float(ks.pvalue), math.nan, False,
                                  int(ref.size), int(cur.size)))
 

@@ -9,8 +9,10 @@ Two kinds of numbers live here:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used, so light importers (the CLI, drift tests) stay fast
+    import torch
 
 # Names of the per-request statistics, in the order monitors report them. Serving writes these columns,
 # the drift monitors read them; keeping them here avoids magic strings spread across packages.
@@ -47,6 +49,8 @@ def request_stats(prompt_logits: torch.Tensor, prompt_ids: torch.Tensor, gen_log
 
 def response_nll(logits: torch.Tensor, ids: torch.Tensor, start: int) -> float:
     """Mean NLL of ids[start:] given everything before, from logits [T, V] over ids [T]."""
+    import torch
+
     if ids.numel() - start < 1 or start < 1:
         return float("nan")
     logp = torch.log_softmax(logits[start - 1 : -1].float(), dim=-1)
@@ -78,6 +82,8 @@ def compare_logits(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None =
 
     NaN anywhere in the candidate is reported as the worst possible values, never as a pass.
     """
+    import torch
+
     if a.shape != b.shape:
         raise ValueError(f"logit shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}; compare the same prompts")
     a = a.float().reshape(-1, a.shape[-1])

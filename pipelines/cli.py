@@ -38,10 +38,10 @@ def _prefect_env(workdir: str) -> None:
 
 
 def cmd_demo(args) -> int:
-    _prefect_env(args.workdir)
     from pipelines.demo import load_config
 
-    cfg = load_config(args.config)  # validate before the slow imports
+    cfg = load_config(args.config)  # validate before creating anything or the slow imports
+    _prefect_env(args.workdir)
     from pipelines.flows import demo
 
     summary = demo(cfg, Path(args.workdir), Path(args.summary_json))
@@ -118,8 +118,9 @@ def cmd_merge(args) -> int:
     from pipelines.config import load
 
     cfg = load(mq.MergeConfig, args.config) if args.config else mq.MergeConfig()
-    cfg.quantize = args.quantize
-    cfg.__post_init__()
+    if args.quantize is not None:  # the flag wins over the YAML; without it the YAML (or the default) holds
+        cfg.quantize = args.quantize
+        cfg.__post_init__()
     try:
         out = mq.run(cfg, Path(args.base), Path(args.adapter), Path(args.val), Path(args.out))
         report = json.loads((out / "gates.json").read_text())
@@ -184,13 +185,14 @@ def cmd_monitor_check(args) -> int:
 
 
 def cmd_retrain(args) -> int:
-    _prefect_env(args.workdir)
     from dataclasses import asdict
 
     from pipelines.demo import load_config
-    from pipelines.flows import retrain
 
     cfg = load_config(args.config)
+    _prefect_env(args.workdir)
+    from pipelines.flows import retrain
+
     ws = _workspace(args)
     out = retrain(ws, args.family, args.name, asdict(cfg.init), asdict(cfg.retrain), asdict(cfg.merge),
                   Path(args.new_train), Path(args.new_val), Path(args.old_train), Path(args.old_val),
@@ -247,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge + quantize an adapter behind logit regression gates")
     m.add_argument("--base", default=str(DEFAULT_BASE))
     m.add_argument("--adapter", required=True, help="PEFT adapter directory")
-    m.add_argument("--quantize", default="nf4", choices=["nf4", "int8", "none"])
+    m.add_argument("--quantize", default=None, choices=["nf4", "int8", "none"],
+                   help="quantization scheme (default: the config's, nf4)")
     m.add_argument("--out", required=True)
     m.add_argument("--val", required=True, help="validation JSONL the gates compare logits on")
     m.add_argument("--report-json", default=None, help="also write the gate report JSON here")

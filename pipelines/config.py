@@ -22,9 +22,11 @@ class ConfigError(ValueError):
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
     """Build dataclass `cls` from `data`, recursing into nested dataclasses; unknown keys are an error."""
-    data = dict(data or {})
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {type(data).__name__} {data!r}")
+    data = dict(data)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -68,7 +70,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         _, vt = typing.get_args(tp) or (Any, Any)
         return {k: _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected float (a number), got {value!r}")
         return float(value)
     if tp in (int, str, bool) and not isinstance(value, tp):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")

@@ -54,8 +54,12 @@ class DemoConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        from pipelines.replay import STRATEGIES
+
         if not 0 <= self.replay_ratio < 1:
             raise ValueError(f"replay_ratio must be in [0, 1), got {self.replay_ratio}")
+        if self.replay_strategy not in STRATEGIES:
+            raise ValueError(f"replay_strategy {self.replay_strategy!r} is not one of {', '.join(STRATEGIES)}")
 
 
 def load_config(path: Path | None) -> DemoConfig:

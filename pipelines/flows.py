@@ -237,13 +237,14 @@ def demo(cfg, workdir: Path, summary_json: Path) -> dict:
                 log(f"canary {fam}@{challenger}: started (parity {r.json()['parity'].get('passed')})")
 
                 def finished() -> bool:
-                    return admin.get("/admin/rollout/status", params={"family": fam}).json().get("state") != "running"
+                    status = admin.get("/admin/rollout/status", params={"family": fam}).json()
+                    return status.get("status") not in ("running", "rolling_back")
 
                 prompts = (canary_prompts * (1 + t.canary_max_requests // len(canary_prompts)))
                 traffic.send(url, fam, prompts[: t.canary_max_requests], t.clients, t.max_tokens, judge=judge,
                              stop=finished, user_prefix=f"canary-{challenger}")
                 status = admin.get("/admin/rollout/status", params={"family": fam}).json()
-            outcome = status.get("state")
+            outcome = status.get("status")
             log(f"canary {fam}@{challenger}: {outcome} ({status.get('reason', '')})")
             rollouts.append({"version": challenger, "outcome": outcome, "reason": status.get("reason"),
                              "steps": status.get("history", [])})

@@ -1,0 +1,1 @@
+"""Deployment configuration for the production profile (see infra/README.md); nothing here runs on import."""

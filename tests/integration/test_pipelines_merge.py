@@ -1,0 +1,161 @@
+"""Merge + quantize behind logit gates, on real trained adapters of the tiny base with real bitsandbytes (CPU).
+
+Quantization top-1 bounds are loosened for the tiny base at this eval size (16 sequences of 64 tokens); the values
+measured at the time of writing are in the comments and printed by test_clean_merge_passes_the_gates (-s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = REPO / "models" / "tiny-llama"
+SMALL = dict(eval_examples=16, golden_prompts=4, max_len=64, reference_windows=4)
+
+
+def _quiet(*_a):
+    pass
+
+
+def _merge_config(quantize: str, **gates):
+    from pipelines.merge_quantize import GateConfig, MergeConfig, QuantThresholds
+
+    # Measured on 12-step adapters (16 x 64 tokens): nf4 KL mean 0.039-0.040, p99 0.20-0.21, top-1 0.81 (PiSSA) /
+    # 0.87 (LoRA); int8 KL mean 0.0007, p99 0.0034, top-1 0.975 / 0.986. The shipped top-1 bounds (0.85, 0.97) sit
+    # inside that spread, so they are loosened here; the KL bounds are the shipped ones.
+    quant = {"nf4": QuantThresholds(kl_mean=0.06, kl_p99=0.6, top1=0.75),
+             "int8": QuantThresholds(kl_mean=0.005, kl_p99=0.08, top1=0.93)}
+    return MergeConfig(quantize=quantize, **SMALL, gates=GateConfig(quant=quant, **gates))
+
+
+def _run(cfg, adapter: Path, val: Path, out: Path, log=_quiet):
+    from pipelines import merge_quantize
+
+    return merge_quantize.run(cfg, BASE, adapter, val, out, log=log)
+
+
+def _no_output_left(out: Path) -> None:
+    assert not out.exists(), f"{out} was left behind by a failed merge"
+    assert not out.with_name(f".{out.name}.partial").exists(), "a staging directory was left behind"
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+@pytest.mark.parametrize("method", ["lora", "pissa"])
+def test_clean_merge_passes_the_gates(trained, tiny_data, tmp_path, method, quantize):
+    from serving.parity import GOLDEN_FILE, load_golden
+
+    adapter = trained(method) / "adapter"
+    out = _run(_merge_config(quantize), adapter, tiny_data.val, tmp_path / "merged")
+    report = json.loads((out / "gates.json").read_text())
+    values = {g["name"]: round(g["value"], 6) for g in report["gates"]}
+    print(f"\n{method}/{quantize}: {values}")
+    assert report["passed"], [g for g in report["gates"] if not g["passed"]]
+    assert {"merged_cosine", "merged_max_abs", "merged_top1", "forgetting_ppl_rise", "task_val_loss_delta",
+            f"{quantize}_kl_mean", f"{quantize}_kl_p99", f"{quantize}_top1"} == set(values)
+    assert values["merged_max_abs"] < 1e-3 and values["merged_top1"] == 1.0
+    assert "Verdict: **PASS**" in (out / "gates.md").read_text()
+    assert (out / "merged" / "model.safetensors").is_file() and (out / "quantized" / "config.json").is_file()
+    golden = load_golden(out / "golden" / GOLDEN_FILE)
+    assert len(golden.prompts) == 4 and golden.logits.shape[0] == 4
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["gates_passed"] is True and manifest["kind"] == "merged"
+
+    messages: list[str] = []
+    assert _run(_merge_config(quantize), adapter, tiny_data.val, out, log=messages.append) == out
+    assert any("reusing" in m for m in messages), messages
+    assert json.loads((out / "manifest.json").read_text())["created"] == manifest["created"]
+
+
+def test_strict_gates_fail_with_a_report(trained, tiny_data, tmp_path):
+    from pipelines.merge_quantize import GateFailed, QuantThresholds
+
+    cfg = _merge_config("nf4", forgetting_max_rise=0.0)
+    cfg.gates.quant["nf4"] = QuantThresholds(kl_mean=1e-9, kl_p99=0.6, top1=0.75)
+    out = tmp_path / "merged"
+    with pytest.raises(GateFailed, match=r"forgetting_ppl_rise = .*threshold <= 0\.0.*nf4_kl_mean = .*<= 1e-09"):
+        _run(cfg, trained("lora") / "adapter", tiny_data.val, out)
+    report = json.loads((out / "gates.json").read_text())
+    assert not report["passed"]
+    assert {g["name"] for g in report["gates"] if not g["passed"]} == {"forgetting_ppl_rise", "nf4_kl_mean"}
+    assert "**FAIL**" in (out / "gates.md").read_text()
+    with pytest.raises(GateFailed, match="nf4_kl_mean"):  # the stored failure is not mistaken for a pass on rerun
+        _run(cfg, trained("lora") / "adapter", tiny_data.val, out)
+
+
+def test_cli_merge_exits_1_with_the_gate_report(trained, tiny_data, tmp_path):
+    import yaml
+
+    config = tmp_path / "strict.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "gates": {"forgetting_max_rise": 0.0}}))
+    report_file = tmp_path / "report.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "merge", "--base", str(BASE), "--adapter",
+         str(trained("lora") / "adapter"), "--quantize", "int8", "--out", str(tmp_path / "merged"), "--val",
+         str(tiny_data.val), "--config", str(config), "--report-json", str(report_file)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "forgetting_ppl_rise" in proc.stderr
+    report = json.loads(report_file.read_text())
+    assert not report["passed"]
+    by_name = {g["name"]: g for g in report["gates"]}
+    assert {"value", "threshold", "op", "passed"} <= set(by_name["forgetting_ppl_rise"])
+    assert by_name["forgetting_ppl_rise"]["threshold"] == 0.0 and not by_name["forgetting_ppl_rise"]["passed"]
+    assert by_name["merged_cosine"]["passed"] and "int8_kl_mean" in by_name
+
+
+@pytest.mark.xfail(strict=True, reason="BUG pipelines/config.py _coerce: YAML 1.1 reads `1e-9` as the string '1e-9'; "
+                                       "a float field accepts it unchecked and the gate later compares float <= str")
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    from pipelines.config import ConfigError, load
+    from pipelines.merge_quantize import MergeConfig
+
+    config = tmp_path / "merge.yaml"
+    config.write_text("gates:\n  forgetting_max_rise: 1e-9\n")
+    try:
+        value = load(MergeConfig, config).gates.forgetting_max_rise
+    except ConfigError:
+        return  # a clear error is an acceptable fix too
+    assert isinstance(value, float), f"forgetting_max_rise loaded as {value!r} ({type(value).__name__})"
+
+
+def test_adapter_for_another_shape_is_refused(tiny_data, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=384,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    lora = get_peft_model(other, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            task_type="CAUSAL_LM", init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "foreign")
+    out = tmp_path / "merged"
+    with pytest.raises(ValueError, match=r"does not fit base .*shapes differ"):
+        _run(_merge_config("nf4"), tmp_path / "foreign", tiny_data.val, out)
+    _no_output_left(out)
+
+
+def test_nan_in_adapter_weights_is_refused(trained, tiny_data, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained("lora") / "adapter", adapter)
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    name = sorted(k for k in weights if "lora_B" in k)[0]
+    weights[name][0, 0] = float("nan")
+    save_file(weights, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "merged"
+    with pytest.raises(ValueError, match=r"non-finite values in .*lora_B"):
+        _run(_merge_config("nf4"), adapter, tiny_data.val, out)
+    _no_output_left(out)
