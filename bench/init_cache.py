@@ -13,8 +13,8 @@ safetensors.load_file of the stored result copied into the layer (page cache war
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
+from statistics import median
 from pathlib import Path
 
 from bench.common import ratio, row, timed, write_result
@@ -45,15 +45,9 @@ def tiny_cold_vs_hit(repeats: int) -> tuple[list[dict], list[dict]]:
             hit.append(res.seconds)
     rows = [row("tiny-llama pissa r8: cold (exact SVD, store)", cold),
             row("tiny-llama pissa r8: cache hit (LocalStore)", hit)]
-    ratios = [ratio("tiny-llama hit / cold", statistics_median(hit), statistics_median(cold),
+    ratios = [ratio("tiny-llama hit / cold", median(hit), median(cold),
                     "pipelines.init_cache.run end to end, both include hashing the base")]
     return rows, ratios
-
-
-def statistics_median(xs: list[float]) -> float:
-    import statistics
-
-    return statistics.median(xs)
 
 
 def pissa_from_svd(W, r: int, scaling: float, lowrank_niter: int | None):
@@ -94,7 +88,7 @@ def layer_7b(label: str, shape: tuple[int, int], rank: int, repeats: int, exact:
     mb = path.stat().st_size / 2**20
     rows = [row(f"{label} r{rank}: svd_lowrank niter=4", lowrank_s),
             row(f"{label} r{rank}: load cached + copy into layer (safetensors, {mb:.0f} MiB)", load_s)]
-    med = statistics_median
+    med = median
     ratios = [ratio(f"{label}: load / svd_lowrank", med(load_s), med(lowrank_s))]
     if exact:
         exact_s, out = [], {}
@@ -136,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
              "Both tiny-base sides include hashing the base weights (the cache key); a hit then copies and "
              "sha256-verifies the entry. Hashing and copying grow linearly with model size, the SVD cubically "
              "in the layer width, so part 2 is the better guide at 7B scale.",
-             "Part 2 loads from the page cache; an S3 hit adds the download (~0.2-0.7 GiB per 7B layer at fp32)."]
+             ("Part 2 loads from the page cache; an S3 hit adds downloading the files (65 and 173 MiB here, ~0.75 GiB "
+              "for all 7 linears of one 7B decoder layer at fp32).")]
     if not args.full:
         notes.append("Exact SVD at the 7B shapes skipped: run with --full.")
     result = {"title": "Init cache: PiSSA computed vs cache hit",

@@ -29,6 +29,8 @@ def request_stats(prompt_logits: torch.Tensor, prompt_ids: torch.Tensor, gen_log
     gen_entropy / gen_max_prob: mean entropy and mean top-1 probability of the next-token distributions while
     generating (how unsure the model is about its own answer).
     """
+    import torch
+
     out = {}
     if prompt_ids.numel() >= 2:
         logp = torch.log_softmax(prompt_logits[:-1].float(), dim=-1)

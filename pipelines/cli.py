@@ -20,11 +20,18 @@ class CliError(Exception):
     """A user-facing error: printed as one paragraph, exit code 2."""
 
 
-def _workspace(args):
+def _workspace(args, base=None):
+    """The work dir under the chosen profile (local: everything under the work dir; production: servers)."""
+    from pipelines.profile import load_profile
     from pipelines.workspace import Workspace
 
-    return Workspace.create(Path(args.workdir), Path(getattr(args, "base", DEFAULT_BASE)),
-                            init_store_uri=getattr(args, "store", "") or "")
+    profile = load_profile(getattr(args, "profile", "local"))
+    if profile.prefect_api_url:
+        os.environ.setdefault("PREFECT_API_URL", profile.prefect_api_url)
+    return Workspace.create(Path(args.workdir), Path(base or getattr(args, "base", DEFAULT_BASE)),
+                            tracking_uri=profile.tracking_uri,
+                            init_store_uri=getattr(args, "store", "") or profile.init_store_uri,
+                            s3_endpoint_url=profile.s3_endpoint_url)
 
 
 # -- demo --------------------------------------------------------------------------------------------------------
@@ -35,16 +42,21 @@ def _prefect_env(workdir: str) -> None:
     os.environ.setdefault("PREFECT_HOME", str(Path(workdir).resolve() / "prefect"))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry attempts
 
 
 def cmd_demo(args) -> int:
     from pipelines.demo import load_config
 
     cfg = load_config(args.config)  # validate before creating anything or the slow imports
+    from pipelines.profile import load_profile
+
+    load_profile(args.profile)
     _prefect_env(args.workdir)
+    ws = _workspace(args, base=cfg.base)
     from pipelines.flows import demo
 
-    summary = demo(cfg, Path(args.workdir), Path(args.summary_json))
+    summary = demo(cfg, ws, Path(args.summary_json))
     return 0 if summary["champion"] else 1
 
 
@@ -172,9 +184,12 @@ def cmd_registry(args) -> int:
 # -- serve / monitor / retrain -----------------------------------------------------------------------------------
 
 def cmd_serve(args) -> int:
-    from pipelines.serve import serve_workdir
+    from pipelines.serve import serve
 
-    serve_workdir(Path(args.workdir), Path(args.base), args.host, args.port, os.environ.get("ADAPTEROPS_API_KEY"))
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not (Path(args.workdir) / "mlflow.db").is_file():
+        raise CliError(f"{args.workdir} holds no mlflow.db; run `adapterops demo --workdir {args.workdir}` first, "
+                       f"or point MLFLOW_TRACKING_URI (or --profile) at a registry")
+    serve(_workspace(args), args.host, args.port, os.environ.get("ADAPTEROPS_API_KEY"))
     return 0
 
 
@@ -212,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default="work/demo", help="where everything is written (default work/demo)")
     d.add_argument("--summary-json", default=None, help="write the summary here (default WORKDIR/summary.json)")
     d.add_argument("--config", default=str(CONFIG_DIR / "demo.yaml"), help="demo YAML (default configs/demo.yaml)")
+    d.add_argument("--profile", default="local", help="local (default) | production | path to a profile YAML")
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("base", help="the project's own base model")
@@ -282,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--base", default=str(DEFAULT_BASE))
+    s.add_argument("--profile", default="local", help="local (default) | production | path to a profile YAML")
     s.set_defaults(func=cmd_serve)
 
     mo = sub.add_parser("monitor", help="drift monitors")
@@ -304,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--replay-ratio", type=float, default=None)
     rt.add_argument("--config", default=str(CONFIG_DIR / "demo.yaml"))
     rt.add_argument("--store", default="")
+    rt.add_argument("--profile", default="local", help="local (default) | production | path to a profile YAML")
     rt.set_defaults(func=cmd_retrain)
     return p
 

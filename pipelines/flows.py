@@ -95,15 +95,21 @@ def emit_drift_event(family: str, result: dict) -> None:
 
 
 @flow(name="retrain-on-drift", validate_parameters=False)
-def retrain(ws: Workspace, family: str, name: str, init_cfg: dict, train_cfg: dict, merge_cfg: dict,
+def retrain(ws: Workspace, family: str, name: str | None, init_cfg: dict, train_cfg: dict, merge_cfg: dict,
             new_train: Path, new_val: Path, old_train: Path, old_val: Path, replay_ratio: float = 0.2,
             replay_strategy: str = "category_balanced", reference_prompts: int = 200, max_tokens: int = 16,
             seed: int = 0) -> dict:
     """Incremental retraining: new data + a replay buffer of old data, warm-started from the champion.
 
     The same gates run, plus a forgetting gate on the old categories; the result is registered and becomes the
-    challenger (the canary decides whether it becomes champion).
+    challenger (the canary decides whether it becomes champion). `ws` may be the plain dict a deployment run passes;
+    `name` None (scheduled runs) names the run after the time it starts.
     """
+    import time
+
+    ws = Workspace.coerce(ws)
+    new_train, new_val, old_train, old_val = map(Path, (new_train, new_val, old_train, old_val))
+    name = name or time.strftime("retrain-%Y%m%dT%H%M%S", time.gmtime())
     reg = ws.registry()
     champion = reg.alias(family, "champion")
     if champion is None:
@@ -152,7 +158,7 @@ def _start_server(ws: Workspace, cfg, api_key: str):
 
 
 @flow(name="adapterops-demo", validate_parameters=False)
-def demo(cfg, workdir: Path, summary_json: Path) -> dict:
+def demo(cfg, ws: Workspace, summary_json: Path) -> dict:
     """The whole lifecycle on the tiny base; see pipelines/demo.py for the story."""
     import secrets
 
@@ -167,7 +173,6 @@ def demo(cfg, workdir: Path, summary_json: Path) -> dict:
 
     log = _log()
     clock = _Clock()
-    ws = Workspace.create(Path(workdir), Path(cfg.base))
     fam = cfg.family
     init_d, merge_d = asdict(cfg.init), asdict(cfg.merge)
     t = cfg.traffic

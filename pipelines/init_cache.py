@@ -167,6 +167,9 @@ def run(cfg: InitConfig, base_path: Path, store, scratch: Path, log=print) -> In
     from registry.store import CorruptArtifact
 
     t0 = time.time()
+    if not (Path(base_path) / "config.json").is_file():
+        raise FileNotFoundError(f"base model directory {base_path} does not exist or has no config.json; pass the "
+                                f"directory of a causal LM saved with save_pretrained (e.g. models/tiny-llama)")
     base_sha = model_weights_hash(Path(base_path))
     key = cache_key(base_sha, cfg)
     local = Path(scratch) / key.replace("/", "__")

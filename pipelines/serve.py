@@ -68,10 +68,3 @@ def serve(ws: Workspace, host: str, port: int, api_key: str | None, rollout_cfg=
     log.warning("serving %s on http://%s:%d (%s)", ", ".join(loaded) or "the base model only", host, port,
                 "admin endpoints enabled" if api_key else "admin endpoints disabled: set ADAPTEROPS_API_KEY")
     uvicorn.run(create_app(state), host=host, port=port, log_level="warning")
-
-
-def serve_workdir(workdir: Path, base: Path, host: str, port: int, api_key: str | None) -> None:
-    if not (Path(workdir) / "mlflow.db").is_file():
-        raise FileNotFoundError(f"{workdir} holds no mlflow.db; run `adapterops demo --workdir {workdir}` first or "
-                                f"set MLFLOW_TRACKING_URI")
-    serve(Workspace.create(Path(workdir), Path(base)), host, port, api_key)

@@ -289,7 +289,7 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
             ids, labels, mask = collate([train_rows[i] for i in queue.pop()], pad_id)
             loss_sum, n = batch_loss(model, ids, labels, mask)
             (loss_sum / max(n, 1) / cfg.grad_accum).backward()
-            step_loss += float(loss_sum)
+            step_loss += float(loss_sum.detach())
             step_tokens += n
             tokens_seen += int(mask.sum())
             padded_seen += mask.numel()

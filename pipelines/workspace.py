@@ -37,6 +37,16 @@ class Workspace:
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
         return cls(root, base_path, uri, init_store_uri or str(root / "init-cache"), s3_endpoint_url)
 
+    @classmethod
+    def coerce(cls, value: "Workspace | dict") -> "Workspace":
+        """A Workspace from itself or from the plain dict a Prefect deployment run passes as its parameter."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            return cls.create(Path(value["root"]), Path(value["base_path"]), value.get("tracking_uri", ""),
+                              value.get("init_store_uri", ""), value.get("s3_endpoint_url", ""))
+        raise TypeError(f"expected a Workspace or its dict, got {type(value).__name__}")
+
     def _shared(self, kind: str, make):
         k = (kind, str(self.root), self.tracking_uri)
         if k not in _SHARED:

@@ -113,5 +113,14 @@ def prefect_harness():
     """A temporary Prefect server + database for the session; only tests that request it start it."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+    # the temporary server's telemetry writes race the test database on SQLite ("database is locked" tracebacks)
+    saved = os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    try:
+        with prefect_test_harness(server_startup_timeout=180):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("PREFECT_SERVER_ANALYTICS_ENABLED", None)
+        else:
+            os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = saved

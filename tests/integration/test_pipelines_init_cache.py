@@ -188,6 +188,15 @@ def test_bad_input_fails_clearly_and_stores_nothing(tmp_path, overrides, base, e
     assert not scratch.exists() or not any(scratch.iterdir())
 
 
+def test_missing_base_error_says_the_directory_is_missing(tmp_path):
+    from pipelines.init_cache import InitConfig
+    from registry.store import LocalStore
+
+    with pytest.raises(FileNotFoundError) as err:
+        _run(InitConfig(**PISSA), LocalStore(tmp_path / "store"), tmp_path / "scratch", base=tmp_path / "nope")
+    assert "safetensors" not in str(err.value) and ("config.json" in str(err.value) or "exist" in str(err.value))
+
+
 def test_build_model_reproduces_the_base_before_training(pissa_miss):
     """PiSSA moves the top singular directions into the adapter: W_res + s*B@A must give back W."""
     import torch
