@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,36 +33,6 @@ RETRAIN_TIMEZONE = "UTC"
 DRIFT_EVENT = "adapterops.drift.alert"  # pipelines.flows.emit_drift_event
 DEFAULT_POOL = "adapterops"
 
-_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def expand(value, env: Mapping[str, str]):
-    """${VAR} / ${VAR:-default} from env; a ${VAR} that is unset is an error naming it."""
-    if not isinstance(value, str):
-        return value
-
-    def sub(m: re.Match) -> str:
-        name, default = m.group(1), m.group(2)
-        if env.get(name):
-            return env[name]
-        if default is None:
-            raise KeyError(f"profile value {value!r} needs ${name}; export {name} or give a default: ${{{name}:-...}}")
-        return default
-
-    return _PLACEHOLDER.sub(sub, value)
-
-
-def load_profile(name: str, env: Mapping[str, str]) -> dict:
-    """configs/profiles/<name>.yaml with placeholders expanded (until pipelines.profile.load_profile exists)."""
-    import yaml
-
-    path = PROFILES_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
-        raise FileNotFoundError(f"no profile {name!r} ({path}); known profiles: {known}")
-    return {k: expand(v, env) for k, v in (yaml.safe_load(path.read_text()) or {}).items()}
-
-
 def retrain_parameters(env: Mapping[str, str]) -> dict:
     """Default parameters of the retrain deployment: a Workspace mapping, the family, configs and data windows.
 
@@ -75,16 +44,18 @@ def retrain_parameters(env: Mapping[str, str]) -> dict:
     from pipelines.config import CONFIG_DIR
     from pipelines.demo import load_config
 
+    from pipelines.profile import load_profile
+
     profile = load_profile(env.get("ADAPTEROPS_PROFILE", "production"), env)
     workdir = env.get("ADAPTEROPS_WORKDIR", "/data/work")
     data = Path(env.get("ADAPTEROPS_DATA_DIR", f"{workdir}/data"))
     cfg = load_config(Path(env.get("ADAPTEROPS_RETRAIN_CONFIG", str(CONFIG_DIR / "demo.yaml"))))
     return {
         "ws": {"root": workdir, "base_path": env.get("ADAPTEROPS_BASE_DIR", "/models/base"),
-               "tracking_uri": profile["tracking_uri"], "init_store_uri": profile["init_store_uri"],
-               "s3_endpoint_url": profile["s3_endpoint_url"]},
+               "tracking_uri": profile.tracking_uri, "init_store_uri": profile.init_store_uri,
+               "s3_endpoint_url": profile.s3_endpoint_url},
         "family": env.get("ADAPTEROPS_FAMILY", cfg.family),
-        "name": "nightly",
+        "name": None,  # scheduled runs are named after their start time (pipelines.flows.retrain)
         "init_cfg": asdict(cfg.init), "train_cfg": asdict(cfg.retrain), "merge_cfg": asdict(cfg.merge),
         "new_train": str(data / "new" / "train.jsonl"), "new_val": str(data / "new" / "val.jsonl"),
         "old_train": str(data / "champion" / "train.jsonl"), "old_val": str(data / "champion" / "val.jsonl"),

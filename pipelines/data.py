@@ -18,6 +18,7 @@ from pathlib import Path
 from pipelines.config import REPO_ROOT
 
 BITEXT_CSV = REPO_ROOT / "data" / "customer_support" / "bitext_customer_support.csv"
+DIALOGUE_JSONL = REPO_ROOT / "data" / "dialogue" / "sgd_pairs_subset.jsonl"
 REFERENCE_TEXT = REPO_ROOT / "data" / "corpus" / "gutenberg" / "chesterton-thursday.txt"
 """Forgetting check text: a book the base saw only in part (its held-out tail is used) and adapters never see."""
 
@@ -127,9 +128,20 @@ def sample(examples: list[Example], n: int, seed: int) -> list[Example]:
     return rng.sample(examples, min(n, len(examples)))
 
 
-def shuffle_responses(examples: list[Example], seed: int) -> list[Example]:
-    """Pair every prompt with another example's response: a realistic data bug (misaligned join) for the demo's bad v3."""
-    rng = random.Random(seed)
-    responses = [e.response for e in examples]
-    rng.shuffle(responses)
-    return [Example(e.prompt, r, e.category, e.intent) for e, r in zip(examples, responses)]
+def load_dialogue(path: Path = DIALOGUE_JSONL, n: int | None = None, seed: int = 0) -> list[Example]:
+    """SGD (user, system) turns as prompt/response pairs in the support prompt format (category = the domain).
+
+    The demo's bad v3 is trained on these instead of support tickets: a data-pipeline mix-up (wrong dataset).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"dialogue data {path} does not exist; it ships in data/dialogue/")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            try:
+                r = json.loads(line)
+                rows.append(Example(format_prompt(r["user"]), " " + r["system"].strip(), r.get("domain", "")))
+            except (json.JSONDecodeError, KeyError) as e:
+                raise DataError(f"{path}:{i} is not a {{'user', 'system'}} JSON object ({e})") from None
+    return rows if n is None else sample(rows, n, seed)

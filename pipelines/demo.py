@@ -4,8 +4,9 @@ Run:  adapterops demo --workdir work/demo --summary-json work/demo/summary.json 
 
 The story: v1 (PiSSA, cache miss) trained on the "before" categories becomes champion and is served; "before"
 traffic keeps the monitors quiet; "after" traffic (new categories) fires them; the alert retrains (new data + replay,
-warm start from v1, cache hit) into v2, whose canary promotes it; a bad v3 (responses shuffled across prompts, a
-misaligned-join bug) passes the offline gates but loses the canary and is rolled back automatically.
+warm start from v1, cache hit) into v2, whose canary promotes it; a bad v3 (the wrong dataset in the job, a
+data mix-up: trained on travel/restaurant dialogues instead of support tickets) passes the offline gates, which
+check merge fidelity and forgetting, not answer relevance, but loses the canary on user feedback and is rolled back.
 """
 
 from __future__ import annotations
@@ -68,16 +69,20 @@ def load_config(path: Path | None) -> DemoConfig:
 
 
 def prepare_data(root: Path, seed: int = 0) -> dict[str, dict[str, Path]]:
-    """before/ and after/ train/val/test JSONL files (deterministic), plus the bad v3's shuffled training set."""
-    from pipelines.data import shuffle_responses
+    """before/ and after/ train/val/test JSONL files (deterministic), plus the bad v3's wrong training set."""
+    from pipelines.data import load_dialogue
 
     examples = load_bitext()
     out: dict[str, dict[str, Path]] = {}
     for phase, cats in (("before", CATEGORIES_BEFORE), ("after", CATEGORIES_AFTER)):
         s = splits(examples, cats)
         out[phase] = {name: write_jsonl(rows, root / "data" / phase / f"{name}.jsonl") for name, rows in s.items()}
-    after_train = splits(examples, CATEGORIES_AFTER)["train"]
-    out["bad"] = {"train": write_jsonl(shuffle_responses(after_train, seed), root / "data" / "bad" / "train.jsonl")}
+    # the mix-up replaces the whole dataset, so train AND val come from the wrong source (the training health check
+    # catches a wrong train set alone: its validation loss diverges)
+    n_train, n_val = (len(out["after"][k].read_text().splitlines()) for k in ("train", "val"))
+    wrong = load_dialogue(n=n_train + n_val, seed=seed)
+    out["bad"] = {"train": write_jsonl(wrong[:n_train], root / "data" / "bad" / "train.jsonl"),
+                  "val": write_jsonl(wrong[n_train:], root / "data" / "bad" / "val.jsonl")}
     return out
 
 

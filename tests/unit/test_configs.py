@@ -75,6 +75,11 @@ def test_every_yaml_loads_into_its_dataclass(path):
         cfg = load_config(path)
         assert isinstance(cfg, DemoConfig)
         return
+    if path.parent.name == "profiles":
+        from pipelines.profile import Profile, load_profile
+
+        assert isinstance(load_profile(path, env={}), Profile)  # ${VAR:-default} values at their defaults
+        return
     cls = _header_dataclass(path)
     if cls is None:
         data = yaml.safe_load(path.read_text())
@@ -87,6 +92,8 @@ def test_every_yaml_loads_into_its_dataclass(path):
 @pytest.mark.parametrize("path", ALL_YAML, ids=_rel)
 def test_every_yaml_value_reaches_the_dataclass(path):
     """No key is silently dropped or rewritten: each YAML leaf equals the loaded config's field."""
+    if path.parent.name == "profiles":
+        pytest.skip("profiles expand ${VAR:-default} placeholders; covered by tests/unit/test_infra_files.py")
     if not _is_demo(path) and _header_dataclass(path) is None:
         pytest.skip("no dataclass to compare against")
     cfg = load_config(path) if _is_demo(path) else load(_header_dataclass(path), path)
@@ -115,7 +122,7 @@ def test_demo_yaml_overrides_defaults_the_story_depends_on():
     cfg = load_config(CONFIG_DIR / "demo.yaml")
     assert cfg.init.method == "pissa" and cfg.init.target_modules == DEFAULT_TARGETS
     assert cfg.bad.steps == 80 and cfg.bad.eval_every == 40
-    assert cfg.merge.gates.forgetting_max_rise == pytest.approx(0.6)
+    assert cfg.merge.gates.forgetting_max_rise == pytest.approx(1.5)
     assert cfg.merge.gates.quant["nf4"] == GateConfig().quant["nf4"]  # untouched nested defaults survive
     assert cfg.rollout.steps == (0.1, 0.25, 0.5, 1.0)
 

@@ -20,7 +20,7 @@ from pipelines.data import (
     load_bitext,
     read_jsonl,
     sample,
-    shuffle_responses,
+    load_dialogue,
     split_of,
     splits,
     write_jsonl,
@@ -222,7 +222,7 @@ def test_data_error_is_a_value_error():
     assert issubclass(DataError, ValueError)
 
 
-# -- sample / shuffle_responses ------------------------------------------------------------------------------------
+# -- sample / dialogue data ------------------------------------------------------------------------------------------
 
 def test_sample_deterministic_and_capped():
     ex = _examples(50)
@@ -232,25 +232,16 @@ def test_sample_deterministic_and_capped():
     assert sorted(sample(ex, 500, seed=0), key=ex.index) == ex
 
 
-def test_shuffle_responses_keeps_prompts_and_permutes_responses():
-    ex = _examples(200)
-    shuffled = shuffle_responses(ex, seed=0)
-    assert [e.prompt for e in shuffled] == [e.prompt for e in ex]
-    assert [(e.category, e.intent) for e in shuffled] == [(e.category, e.intent) for e in ex]
-    assert Counter(e.response for e in shuffled) == Counter(e.response for e in ex)
-    moved = sum(a.response != b.response for a, b in zip(ex, shuffled))
-    assert moved >= 0.9 * len(ex)
+def test_load_dialogue_formats_sgd_turns_as_support_prompts():
+    rows = load_dialogue()
+    assert len(rows) == 13646
+    assert all(r.prompt.startswith("### Customer: ") and r.prompt.endswith("### Agent:") for r in rows[:50])
+    assert all(r.response.startswith(" ") and r.response.strip() for r in rows[:50])
+    assert load_dialogue(n=100, seed=1) == load_dialogue(n=100, seed=1) != load_dialogue(n=100, seed=2)
 
 
-def test_shuffle_responses_deterministic_by_seed():
-    ex = _examples(100)
-    assert shuffle_responses(ex, 3) == shuffle_responses(ex, 3)
-    assert shuffle_responses(ex, 3) != shuffle_responses(ex, 4)
-    assert ex == _examples(100)  # input untouched
-
-
-def test_shuffle_responses_on_real_after_train(bitext):
-    train = splits(bitext, CATEGORIES_AFTER)["train"]
-    shuffled = shuffle_responses(train, seed=0)
-    moved = sum(a.response != b.response for a, b in zip(train, shuffled))
-    assert moved >= 0.95 * len(train)
+def test_load_dialogue_names_file_and_line_of_a_bad_row(tmp_path):
+    bad = tmp_path / "d.jsonl"
+    bad.write_text('{"user": "hi", "system": "hello"}\n{"user": "no system"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2"):
+        load_dialogue(bad)
