@@ -12,7 +12,7 @@ check merge fidelity and forgetting, not answer relevance, but loses the canary 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from monitoring.drift import DriftConfig
@@ -155,7 +155,3 @@ def write_summary(summary: dict, path: Path) -> Path:
     tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     tmp.replace(path)
     return path
-
-
-def config_dicts(cfg: DemoConfig) -> dict:
-    return asdict(cfg)

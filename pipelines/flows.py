@@ -123,10 +123,6 @@ def retrain(ws: Workspace, family: str, name: str | None, init_cfg: dict, train_
     return {**summary, "parent_version": champion, "replay_ratio": replay_ratio}
 
 
-def configs_as_dicts(*cfgs) -> list[dict]:
-    return [asdict(c) for c in cfgs]
-
-
 class _Clock:
     def __init__(self):
         import time
