@@ -92,20 +92,11 @@ def window_rows(log, family: str, after_id: int) -> tuple[list[dict], int]:
     return rows, (rows[-1]["id"] if rows else after_id)
 
 
-def check_window(reference_dir: Path, rows: list[dict], cfg: DriftConfig, encoder) -> dict:
-    """The drift decision for one window of served requests against a version's monitoring reference."""
-    from monitoring.check import check_windows, load_jsonl
-    from monitoring.embeddings import EmbeddingIndex
-
-    reference = load_jsonl(Path(reference_dir) / "reference.jsonl")
-    index = EmbeddingIndex.load(Path(reference_dir) / "train_index.npy")
-    current = [{k: v for k, v in r.items() if k != "embedding"} for r in rows]
-    return check_windows(reference, [current], cfg, encoder=encoder, index=index)[0].as_dict()
-
-
-def evidently_report(reference_dir: Path, rows: list[dict], encoder, out: Path) -> Path:
+def check_window(reference_dir: Path, rows: list[dict], cfg: DriftConfig, encoder, report: Path) -> dict:
+    """The drift decision for one window of served requests against a version's monitoring reference, plus its
+    Evidently report. The window's prompts are embedded once and both use that."""
     import pandas as pd
-    from monitoring.check import load_jsonl
+    from monitoring.check import check_windows, load_jsonl
     from monitoring.drift import EMBEDDING_STAT
     from monitoring.embeddings import EmbeddingIndex, embed
     from monitoring.logit_stats import REQUEST_STATS
@@ -113,11 +104,15 @@ def evidently_report(reference_dir: Path, rows: list[dict], encoder, out: Path) 
 
     reference = load_jsonl(Path(reference_dir) / "reference.jsonl")
     index = EmbeddingIndex.load(Path(reference_dir) / "train_index.npy")
-    cols = list(REQUEST_STATS)
-    cur = pd.DataFrame([{k: r.get(k) for k in cols} for r in rows], dtype=float)
-    cur[EMBEDDING_STAT] = index.max_cosine(embed(encoder, [r["prompt"] for r in rows]))
-    ref = pd.DataFrame([{k: r.get(k) for k in cols + [EMBEDDING_STAT]} for r in reference], dtype=float)
-    return write_evidently_report(ref, cur, out, title=f"drift report: {out.stem}")
+    max_cos = index.max_cosine(embed(encoder, [r["prompt"] for r in rows])) if rows else []
+    current = [{**{k: v for k, v in r.items() if k != "embedding"}, EMBEDDING_STAT: float(c)}
+               for r, c in zip(rows, max_cos)]
+    result = check_windows(reference, [current], cfg, encoder=encoder, index=index)[0].as_dict()
+    cols = list(REQUEST_STATS) + [EMBEDDING_STAT]
+    write_evidently_report(pd.DataFrame([{k: r.get(k) for k in cols} for r in reference], dtype=float),
+                           pd.DataFrame([{k: r.get(k) for k in cols} for r in current], dtype=float),
+                           report, title=f"drift report: {report.stem}")
+    return result
 
 
 def alert_records(phase: str, result: dict) -> list[dict]:

@@ -235,7 +235,7 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
                              f"{init_manifest['key']}; warm-start only from the same init (method, rank, base)")
     config = asdict(cfg)
     fp = manifest.fingerprint("adapter", config, inputs)
-    if (existing := manifest.reusable(out, "adapter", fp)) is not None:
+    if manifest.reusable(out, "adapter", fp) is not None:
         log(f"train: {out} already holds this adapter (manifest matches); reusing it")
         return Path(out)
 
