@@ -7,6 +7,13 @@ W_res = W - B A in the base. The SVD is the expensive part (minutes per 7B model
 residual weights and the initial adapter are stored under a content-addressed key. A hit loads them and runs no SVD.
 For LoRA-family methods the cached entry holds the seeded initial A (and DoRA's magnitudes) for reproducibility.
 
+The initialisation runs layer by layer: the base stays on the CPU and each target layer's weight alone visits
+`device` (GPU for speed, CPU when the GPU is too small) for PEFT's own init of that layer, so the peak extra memory is
+one layer, and each layer is logged as it finishes.
+
+QLoRA / QPiSSA (base_quant nf4): the entry holds the same full-precision weights (the SVD cannot run on a quantized
+model); build_model quantizes the base (PiSSA: the residual) to bitsandbytes nf4 and keeps the adapter in fp32.
+
 Entry layout: residual.safetensors (PiSSA only: the mutated target weights), initial_adapter/ (PEFT format, its
 config saved with init_lora_weights=True so that loading it never re-runs the SVD), manifest.json.
 """
@@ -18,10 +25,17 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from pipelines import manifest
+
 METHODS = ("lora", "rslora", "dora", "pissa")
+QUANT_ALIASES = {"qlora": "lora", "qpissa": "pissa"}
+"""Method names users know, accepted on input and stored as (method, base_quant="nf4")."""
+BASE_QUANTS = ("none", "nf4")
+NF4_METHODS = ("lora", "rslora", "pissa")
+"""Methods whose init does not depend on the base's quantization (DoRA's magnitudes would)."""
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = ("float32", "bfloat16")
 
@@ -31,7 +45,7 @@ class InitConfig:
     """What the initial adapter is; every field is part of the cache key."""
 
     method: str = "pissa"
-    """lora | rslora | dora | pissa."""
+    """lora | rslora | dora | pissa (aliases: qlora, qpissa = lora, pissa with base_quant nf4)."""
     rank: int = 8
     """Adapter rank r; higher adapts more and costs memory linearly."""
     alpha: float = 16.0
@@ -41,13 +55,27 @@ class InitConfig:
     """PiSSA only: None = exact SVD; N = randomized SVD with N subspace iterations (PEFT's pissa_niter_N), far faster."""
     dtype: str = "float32"
     """Dtype the SVD runs in; PiSSA must be initialised in full precision (QPiSSA quantizes the residual after)."""
+    base_quant: str = "none"
+    """none | nf4: train on a bitsandbytes nf4 base (QLoRA; with pissa, QPiSSA: the residual is quantized). Costs
+    accuracy (nf4 rounding of the base), saves ~7/8 of the base's memory; needs bitsandbytes."""
     seed: int = 0
     device: str = "cpu"
-    """Where to run the decomposition (not part of the key: results agree to rounding)."""
+    """Where each layer's init runs, one layer at a time (cpu, cuda, cuda:1). Not part of the key: exact SVD agrees
+    across devices to rounding; fast SVD draws its random projection from that device's generator, so it gives
+    another (equally good) approximation of the top-r subspace."""
 
     def __post_init__(self) -> None:
+        if self.base_quant not in BASE_QUANTS:
+            raise ValueError(f"base_quant {self.base_quant!r} is not one of {', '.join(BASE_QUANTS)}")
+        if self.method in QUANT_ALIASES:
+            self.method, self.base_quant = QUANT_ALIASES[self.method], "nf4"
         if self.method not in METHODS:
-            raise ValueError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+            raise ValueError(f"method {self.method!r} is not one of {', '.join(METHODS)} (or {', '.join(QUANT_ALIASES)}"
+                             f": lora / pissa on an nf4 base)")
+        if self.base_quant != "none" and self.method not in NF4_METHODS:
+            raise ValueError("base_quant nf4 does not support dora: its magnitudes would be initialised from the fp32 "
+                             "weights, not the quantized ones it trains on; use lora or pissa with nf4, or dora with "
+                             "base_quant none")
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if not self.target_modules:
@@ -91,9 +119,21 @@ def cache_key(base_sha256: str, cfg: InitConfig) -> str:
     import peft
 
     fields = {k: v for k, v in asdict(cfg).items() if k != "device"}
+    if cfg.base_quant == "none":
+        del fields["base_quant"]  # entries written before base_quant existed keep their keys
     fields["target_modules"] = sorted(fields["target_modules"])
     payload = json.dumps({"base": base_sha256, "init": fields, "peft": peft.__version__}, sort_keys=True)
-    return f"init/{cfg.method}-r{cfg.rank}-" + hashlib.sha256(payload.encode()).hexdigest()[:32]
+    label = cfg.method if cfg.base_quant == "none" else f"q{cfg.method}"
+    return f"init/{label}-r{cfg.rank}-" + hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def require_bitsandbytes(base_quant: str) -> None:
+    """Fail before any work when a quantized base is asked for on a machine without bitsandbytes."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise RuntimeError(f"base_quant {base_quant} (QLoRA / QPiSSA) needs bitsandbytes, which is not installed on "
+                           f"this machine; pip install bitsandbytes, or use base_quant none (--base-quant none)") from None
 
 
 def load_base(base_path: Path, dtype: str = "float32"):
@@ -132,33 +172,75 @@ def _check_targets(model, cfg: InitConfig) -> None:
                 )
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # torch raises AssertionError for "not compiled with CUDA"
+        raise ValueError(f"init device {device!r} is not usable on this machine ({e}); use cpu (slower, needs no GPU "
+                         f"memory: init-cache --device cpu, train --init-device cpu) or a device it has, e.g. cuda"
+                         ) from None
+
+
 def compute(base_path: Path, cfg: InitConfig, out: Path, log=print) -> Path:
-    """Run the initialisation (the SVD for PiSSA) and write an entry directory at `out`."""
+    """Run the initialisation layer by layer (the SVD for PiSSA) and write an entry directory at `out`.
+
+    The PEFT model is built with no init (adapters only); then each target layer's base weight alone moves to
+    cfg.device, PEFT's own update_layer initialises it there (pissa_init, LoRA's seeded A, DoRA's magnitudes) and the
+    layer moves back. The RNG is seeded and consumed in the same order as get_peft_model's whole-model init, so the
+    entry is the same as that would produce (exactly, fast SVD included) with one layer's extra memory.
+    """
     import torch
     from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
     from safetensors.torch import save_file
 
-    torch.manual_seed(cfg.seed)
-    model = load_base(base_path, cfg.dtype).to(cfg.device)
+    _check_device(cfg.device)
+    model = load_base(base_path, cfg.dtype)
     _check_targets(model, cfg)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft_model = get_peft_model(model, cfg.lora_config(init_lora_weights=False))
+    layers = [(n, m) for n, m in peft_model.base_model.model.named_modules() if isinstance(m, LoraLayer)]
+    config = cfg.lora_config()
+    torch.manual_seed(cfg.seed)
     t0 = time.time()
-    peft_model = get_peft_model(model, cfg.lora_config())
+    for i, (name, layer) in enumerate(layers, 1):
+        t = time.time()
+        layer.get_base_layer().to(cfg.device)
+        layer.update_layer("default", cfg.rank, lora_alpha=cfg.alpha, config=config, target_name=name)
+        layer.to("cpu")
+        log(f"init layer {i}/{len(layers)} {name} ({time.time() - t:.2f}s)")
     log(f"init {cfg.method} r={cfg.rank} on {cfg.device}: {time.time() - t0:.2f}s")
     out.mkdir(parents=True, exist_ok=True)
-    residual = {}
-    for name, p in peft_model.base_model.model.named_parameters():
-        clean = name.replace(".base_layer", "")
-        if clean in before and not torch.equal(before[clean], p.detach()):
-            residual[clean] = p.detach().to("cpu").contiguous()
     if cfg.method == "pissa":
-        if not residual:
-            raise RuntimeError("PiSSA init changed no base weight; the PEFT version may have changed its behaviour")
+        residual = {f"{name}.weight": layer.get_base_layer().weight.detach().contiguous() for name, layer in layers}
         save_file(residual, str(out / "residual.safetensors"))
     for c in peft_model.peft_config.values():
         c.init_lora_weights = True  # loading this adapter must never run the SVD again
     peft_model.save_pretrained(out / "initial_adapter")
     return out
+
+
+def _reuse_sibling(store, base_sha: str, cfg: InitConfig, dest: Path, log) -> bool:
+    """Fill `dest` from the entry of the same init with another base_quant, if stored: the weights are the same
+    (the quantization happens in build_model), so QPiSSA after PiSSA (or the reverse) repeats no SVD."""
+    from registry.store import CorruptArtifact
+
+    if cfg.method not in NF4_METHODS:
+        return False
+    for quant in BASE_QUANTS:
+        if quant == cfg.base_quant:
+            continue
+        key = cache_key(base_sha, replace(cfg, base_quant=quant))
+        if store.exists(key):
+            try:
+                store.get_dir(key, dest)
+            except CorruptArtifact as e:
+                log(f"init cache entry {key} is corrupt ({e}); not reusing it")
+                continue
+            log(f"init: reusing the weights of {key} (base_quant {quant}); no SVD")
+            return True
+    return False
 
 
 def run(cfg: InitConfig, base_path: Path, store, scratch: Path, log=print) -> InitResult:
@@ -170,6 +252,8 @@ def run(cfg: InitConfig, base_path: Path, store, scratch: Path, log=print) -> In
     if not (Path(base_path) / "config.json").is_file():
         raise FileNotFoundError(f"base model directory {base_path} does not exist or has no config.json; pass the "
                                 f"directory of a causal LM saved with save_pretrained (e.g. models/tiny-llama)")
+    if cfg.base_quant != "none":
+        require_bitsandbytes(cfg.base_quant)
     base_sha = model_weights_hash(Path(base_path))
     key = cache_key(base_sha, cfg)
     local = Path(scratch) / key.replace("/", "__")
@@ -185,38 +269,65 @@ def run(cfg: InitConfig, base_path: Path, store, scratch: Path, log=print) -> In
             store.delete(key)
     Path(scratch).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-        entry = compute(Path(base_path), cfg, Path(tmp) / "entry", log=log)
+        entry = Path(tmp) / "entry"
+        if not _reuse_sibling(store, base_sha, cfg, entry, log):
+            compute(Path(base_path), cfg, entry, log=log)
         meta = {"kind": "init_cache", "base_sha256": base_sha, "config": asdict(cfg), "key": key}
         (entry / "manifest.json").write_text(json.dumps(meta, indent=2, default=list))
         store.put_dir(key, entry, meta=meta)
     if local.exists():
         shutil.rmtree(local)
     store.get_dir(key, local)
-    log(f"init cache miss {key}: computed and stored")
+    log(f"init cache miss {key}: stored")
     return InitResult(key, local, False, time.time() - t0)
+
+
+def _apply_residual(model, entry: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    residual_file = Path(entry) / "residual.safetensors"
+    if not residual_file.is_file():
+        return
+    residual = load_file(str(residual_file))
+    params = dict(model.named_parameters())
+    unknown = sorted(set(residual) - set(params))
+    if unknown:
+        raise ValueError(f"cached residual has tensors {unknown[:3]} the base lacks; the entry is for another base")
+    with torch.no_grad():
+        for name, value in residual.items():
+            if params[name].shape != value.shape:
+                raise ValueError(f"cached residual {name} has shape {tuple(value.shape)}, base has "
+                                 f"{tuple(params[name].shape)}; the entry is for another base")
+            params[name].copy_(value)
 
 
 def build_model(base_path: Path, entry: Path, adapter: Path | None = None, trainable: bool = True):
     """Base + cached residual + an adapter (the cached initial one, or a trained one that started from it).
 
     `adapter` is how warm starts work: the champion's native adapter was trained on this same residual.
+    An entry with base_quant nf4 gives a bitsandbytes nf4 base (PiSSA: the residual quantized, after the SVD ran in
+    full precision) on the CPU, compute dtype float32, with an fp32 adapter; move it with .to(device), never to a dtype.
     """
-    import torch
-    from peft import PeftModel
-    from safetensors.torch import load_file
+    from peft import PeftModel, prepare_model_for_kbit_training
 
-    model = load_base(base_path)
-    residual_file = Path(entry) / "residual.safetensors"
-    if residual_file.is_file():
-        residual = load_file(str(residual_file))
-        params = dict(model.named_parameters())
-        unknown = sorted(set(residual) - set(params))
-        if unknown:
-            raise ValueError(f"cached residual has tensors {unknown[:3]} the base lacks; the entry is for another base")
-        with torch.no_grad():
-            for name, value in residual.items():
-                if params[name].shape != value.shape:
-                    raise ValueError(f"cached residual {name} has shape {tuple(value.shape)}, base has "
-                                     f"{tuple(params[name].shape)}; the entry is for another base")
-                params[name].copy_(value)
+    from pipelines.merge_quantize import quantize
+
+    base_quant = manifest.read(entry)["config"].get("base_quant", "none")  # entries from before it: none
+    if base_quant == "none":
+        model = load_base(base_path)
+        _apply_residual(model, entry)
+    else:
+        require_bitsandbytes(base_quant)
+        if not (Path(entry) / "residual.safetensors").is_file():
+            model = quantize(Path(base_path), base_quant)
+        else:  # bitsandbytes quantizes while loading: save the residual model, load it quantized
+            with tempfile.TemporaryDirectory(prefix="adapterops-residual-") as tmp:
+                full = load_base(base_path)
+                _apply_residual(full, entry)
+                full.save_pretrained(tmp)
+                del full
+                model = quantize(Path(tmp), base_quant)
+        if trainable:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return PeftModel.from_pretrained(model, str(adapter or Path(entry) / "initial_adapter"), is_trainable=trainable)

@@ -6,15 +6,23 @@ Output directory: adapter/ (PEFT format, deployable on the ORIGINAL base: PiSSA 
 LoRA), adapter_native/ (the adapter as trained, on the cached residual; what a warm start continues from),
 manifest.json (config, input hashes, metrics, loss curve, health report).
 
-Loss is on response tokens only. Batches are grouped by length so little compute goes to padding.
+Loss is on response tokens only, and the output layer runs only where a loss is taken. No compute goes to padding:
+either batches are grouped by length, or (packing) several examples share a row, kept apart by position ids that
+restart at each example (transformers then builds a block-diagonal causal mask). On a CUDA device the frozen base runs
+in bf16 under autocast while the adapter and optimizer stay fp32.
+With `checkpoint_every`, a resumable checkpoint (adapter, optimizer moments, data order, RNG: safetensors + JSON, no
+pickle) is written next to the output; re-running the same command after a kill resumes from the last one.
 Health checks fail the run (HealthCheckFailed, with the report) instead of shipping a broken adapter.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +35,9 @@ from pipelines.data import Example, category_counts, read_jsonl
 # rates overshoot; it gets a lower rate and a longer warm-up. rsLoRA scales by alpha/sqrt(r) (larger than alpha/r).
 DEFAULT_LR = {"lora": 2e-3, "rslora": 1e-3, "dora": 2e-3, "pissa": 1e-3}
 DEFAULT_WARMUP = {"lora": 0.05, "rslora": 0.05, "dora": 0.05, "pissa": 0.1}
+PRECISIONS = ("auto", "fp32", "bf16")
+# Settings that change how a run is watched or made resumable, not what it computes: not part of the fingerprint.
+NOT_IDENTITY = ("checkpoint_every", "progress", "device", "fast_dora")
 
 
 @dataclass
@@ -50,11 +61,19 @@ class TrainConfig:
     steps: int = 150
     """Optimizer steps."""
     batch_size: int = 8
+    """Rows per micro-batch: examples, or with `packing` rows of up to max_len tokens holding several examples."""
     grad_accum: int = 1
     """Micro-batches per optimizer step: effective batch = batch_size * grad_accum."""
     max_len: int = 128
-    """Tokens per example (prompt + response, truncated); longer costs time quadratically in attention."""
+    """Tokens per example (prompt + response, truncated), and per row when packing."""
+    packing: bool = False
+    """Pack several examples into each row (no padding at all, attention kept within each example). Off: batches
+    of similar-length examples (little padding). Packing pays on a GPU with long rows; a step then sees more examples,
+    so fewer steps (or a smaller batch) do the same work."""
     lr: float | None = None
+    """Learning rate of A (and DoRA's magnitudes); null = the method's default (DEFAULT_LR), divided by 4 under
+    LoRA+ (ratio > 1), whose B then learns at 4x the plain rate rather than 16x (16x blew the adapter past the
+    delta_ratio health bound on the tiny base within 12 steps)."""
     loraplus_lr_ratio: float = 1.0
     """LoRA+: learning rate of B = lr * ratio (the paper suggests 16); 1 = plain LoRA."""
     warmup_ratio: float | None = None
@@ -63,6 +82,18 @@ class TrainConfig:
     early_stopping_patience: int = 0
     """Evaluations without improvement before stopping; 0 = never stop early."""
     seed: int = 0
+    device: str = "auto"
+    """auto (CUDA when present, else CPU) | cpu | cuda | cuda:N."""
+    precision: str = "auto"
+    """auto (bf16 on a CUDA device that supports it, else fp32) | fp32 | bf16 (frozen base in bf16 under autocast;
+    the adapter and the optimizer state stay fp32)."""
+    checkpoint_every: int = 0
+    """Write a resumable checkpoint every N optimizer steps (0 = never). A re-run with the same inputs resumes."""
+    progress: bool = True
+    """A progress bar on stderr when it is a terminal."""
+    fast_dora: bool = True
+    """DoRA only: train with pipelines.fast_dora's forward (same function and gradients as PEFT's, less time and
+    memory); false = PEFT's own forward."""
     health: HealthConfig = field(default_factory=HealthConfig)
 
     def __post_init__(self) -> None:
@@ -73,6 +104,12 @@ class TrainConfig:
             raise ValueError(f"max_len must be >= 16, got {self.max_len}")
         if self.lr is not None and not 0 < self.lr < 1:
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 (0 = no checkpoints), got {self.checkpoint_every}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
 class HealthCheckFailed(RuntimeError):
@@ -112,7 +149,39 @@ def length_grouped_batches(n_tokens: list[int], batch_size: int, rng: random.Ran
     return batches
 
 
+def packed_batches(n_tokens: list[int], batch_size: int, max_len: int, rng: random.Random) -> list[list[list[int]]]:
+    """Batches of rows, each row a list of example indices whose lengths sum to <= max_len.
+
+    First-fit decreasing within shuffled chunks of 64 rows' worth of examples: rows come out nearly full, and each
+    epoch's order is random. Returns [batch][row][example index]."""
+    idx = list(range(len(n_tokens)))
+    rng.shuffle(idx)
+    rows: list[list[int]] = []
+    chunk_tokens, chunk = 0, []
+    for j in idx + [None]:
+        if j is not None:
+            chunk.append(j)
+            chunk_tokens += n_tokens[j]
+        if chunk and (j is None or chunk_tokens >= 64 * max_len):
+            bins: list[list[int]] = []
+            space: list[int] = []
+            for e in sorted(chunk, key=lambda k: -n_tokens[k]):
+                for b, free in enumerate(space):
+                    if n_tokens[e] <= free:
+                        bins[b].append(e)
+                        space[b] -= n_tokens[e]
+                        break
+                else:
+                    bins.append([e])
+                    space.append(max_len - n_tokens[e])
+            rows.extend(bins)
+            chunk_tokens, chunk = 0, []
+    rng.shuffle(rows)
+    return [rows[k : k + batch_size] for k in range(0, len(rows), batch_size)]
+
+
 def collate(rows: list[tuple[list[int], list[int]]], pad_id: int):
+    """One example per row, right-padded: (ids, labels, attention mask)."""
     import torch
 
     width = max(len(ids) for ids, _ in rows)
@@ -126,15 +195,59 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int):
     return ids, labels, mask
 
 
-def batch_loss(model, ids, labels, mask):
-    """Sum of response-token NLL and the token count (so means are exact across batches)."""
+def collate_packed(packed: list[list[tuple[list[int], list[int]]]], pad_id: int):
+    """Several examples per row: (ids, labels, position ids, real-token count). Position ids restart at 0 for each
+    example, which is how transformers recognises packed sequences (attention_mask=None) and keeps them apart; the
+    padded tail of a row (if any) is one more sequence of its own with no labels."""
     import torch
 
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    width = max(sum(len(x) for x, _ in row) for row in packed)
+    ids = torch.full((len(packed), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(packed), width), -100, dtype=torch.long)
+    pos = torch.zeros((len(packed), width), dtype=torch.long)
+    real = 0
+    for i, row in enumerate(packed):
+        at = 0
+        for x, y in row:
+            ids[i, at : at + len(x)] = torch.tensor(x)
+            labels[i, at + 1 : at + len(y)] = torch.tensor(y[1:])  # never predict across an example boundary
+            pos[i, at : at + len(x)] = torch.arange(len(x))
+            at += len(x)
+        pos[i, at:] = torch.arange(width - at)
+        real += at
+    return ids, labels, pos, real
+
+
+def _lm_parts(model):
+    """(decoder, output layer) of a causal LM (or a PEFT model around one), or None where the logits need more than
+    `head(decoder(x))` (e.g. Gemma's soft-capping)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(lm, "base_model", None)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if decoder is None or decoder is lm or head is None or getattr(lm.config, "final_logit_softcapping", None):
+        return None
+    return decoder, head
+
+
+def batch_loss(model, ids, labels, mask=None, position_ids=None):
+    """Sum of response-token NLL and the token count (so means are exact across batches).
+
+    The output layer (vocabulary-sized) runs only at the positions that predict a response token."""
+    import torch
+
     target = labels[:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                                             ignore_index=-100, reduction="sum")
-    return loss, int((target != -100).sum())
+    keep = target != -100
+    parts = _lm_parts(model)
+    if parts is None:
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                       use_cache=False).logits[:, :-1][keep]
+    else:
+        decoder, head = parts
+        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state  # a KV cache would also turn off packed masking
+        logits = head(hidden[:, :-1][keep])
+    loss = torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction="sum")
+    return loss, int(keep.sum())
 
 
 def eval_loss(model, rows, pad_id: int, batch_size: int = 16) -> float:
@@ -143,20 +256,66 @@ def eval_loss(model, rows, pad_id: int, batch_size: int = 16) -> float:
 
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     with torch.no_grad():
         for k in range(0, len(order), batch_size):
-            loss, n = batch_loss(model, *collate([rows[i] for i in order[k : k + batch_size]], pad_id))
+            ids, labels, mask = collate([rows[i] for i in order[k : k + batch_size]], pad_id)
+            with autocast_for(model):
+                loss, n = batch_loss(model, ids.to(device), labels.to(device), mask.to(device))
             total += float(loss)
             count += n
     model.train(was_training)
     return total / max(count, 1)
 
 
-def adapter_deltas(peft_model, initial: dict | None = None) -> dict[str, dict]:
-    """Per LoRA module: ||dW||_F / ||W||_F and the effective rank of dW (relative to the initial adapter)."""
+def autocast_for(model):
+    """bf16 autocast for a model whose frozen weights are bf16 (see prepare_precision), else nothing."""
+    import contextlib
+
     import torch
+
+    p = next(model.parameters())
+    if any(q.dtype == torch.bfloat16 for q in model.parameters()):
+        return torch.autocast(p.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve_device_precision(cfg: TrainConfig) -> tuple[str, str]:
+    """The concrete (device, precision) for a config's "auto" values, with a clear error for impossible ones."""
+    import torch
+
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; use device: cpu (or auto)")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
+    return device, precision
+
+
+def prepare_precision(model, precision: str):
+    """bf16: cast the frozen floating-point weights to bf16 (half the memory and bandwidth); trainable adapter
+    weights stay fp32 (master weights), and the forward runs under autocast (autocast_for)."""
+    import torch
+
+    if precision == "bf16":
+        for p in model.parameters():
+            if not p.requires_grad and p.dtype in (torch.float32, torch.float16):
+                p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+def adapter_deltas(peft_model, initial: dict | None = None) -> dict[str, dict]:
+    """Per LoRA module: ||dW||_F / ||W||_F and the effective rank of dW (relative to the initial adapter).
+
+    W is read dequantized on a bitsandbytes base (QLoRA, QPiSSA): the raw Params4bit holds packed nf4 codes.
+    """
+    import torch
+    from peft.utils.integrations import dequantize_module_weight
 
     out = {}
     for name, module in peft_model.named_modules():
@@ -166,7 +325,7 @@ def adapter_deltas(peft_model, initial: dict | None = None) -> dict[str, dict]:
         B = module.lora_B["default"].weight.detach().float()
         s = module.scaling["default"]
         delta = s * (B @ A)
-        base_w = module.get_base_layer().weight.detach().float()
+        base_w = dequantize_module_weight(module.get_base_layer()).detach().float()
         if initial is not None and name in initial:
             A0, B0 = initial[name]
             init_prod = s * (B0 @ A0)
@@ -206,6 +365,155 @@ def health_report(peft_model, initial, cfg: TrainConfig, rank: int, train_loss: 
     return {"passed": all(c["passed"] for c in checks), "checks": checks}
 
 
+class BatchSource:
+    """The training data order: length-grouped batches or packed rows, reshuffled each epoch from a seeded RNG.
+    Its whole state (rng + queue) is JSON, so a checkpoint can restore the exact order."""
+
+    def __init__(self, rows: list[tuple[list[int], list[int]]], cfg: TrainConfig, pad_id: int, device: str = "cpu"):
+        self.rows, self.cfg, self.pad_id, self.device = rows, cfg, pad_id, device
+        self.lengths = [len(ids) for ids, _ in rows]
+        self.rng = random.Random(cfg.seed)
+        self.queue: list = []
+
+    def __next__(self):
+        """(ids, labels, attention mask or None, position ids or None, real tokens, padded tokens)."""
+        cfg = self.cfg
+        if not self.queue:
+            self.queue = (packed_batches(self.lengths, cfg.batch_size, cfg.max_len, self.rng) if cfg.packing
+                          else length_grouped_batches(self.lengths, cfg.batch_size, self.rng))
+        batch = self.queue.pop()
+        if cfg.packing:
+            ids, labels, pos, real = collate_packed([[self.rows[i] for i in row] for row in batch], self.pad_id)
+            return ids.to(self.device), labels.to(self.device), None, pos.to(self.device), real, ids.numel()
+        ids, labels, mask = collate([self.rows[i] for i in batch], self.pad_id)
+        return (ids.to(self.device), labels.to(self.device), mask.to(self.device), None, int(mask.sum()),
+                ids.numel())
+
+
+def train_step(model, opt, batches: BatchSource, grad_accum: int, max_grad_norm: float = 1.0) -> dict:
+    """One optimizer step over `grad_accum` micro-batches (mean response-token loss). The step is not applied when
+    the loss is not finite. Returns loss, loss tokens, real (non-pad) and padded token counts."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss_total, loss_tokens, real, padded = 0.0, 0, 0, 0
+    for _ in range(grad_accum):
+        ids, labels, mask, pos, n_real, n_padded = next(batches)
+        with autocast_for(model):
+            loss_sum, n = batch_loss(model, ids, labels, mask, pos)
+        (loss_sum / max(n, 1) / grad_accum).backward()
+        loss_total += float(loss_sum.detach())
+        loss_tokens, real, padded = loss_tokens + n, real + n_real, padded + n_padded
+    loss = loss_total / max(loss_tokens, 1)
+    if math.isfinite(loss):
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+        opt.step()
+    return {"loss": loss, "loss_tokens": loss_tokens, "real_tokens": real, "padded_tokens": padded}
+
+
+def make_optimizer(model, lr: float, loraplus_lr_ratio: float = 1.0, weight_decay: float = 0.0):
+    """AdamW over the trainable parameters; LoRA+ gives the B matrices lr * ratio (group key lr_mult). Fused on CUDA."""
+    import torch
+
+    b_params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
+    other = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" not in n]
+    fused = all(p.is_cuda for p in b_params + other)
+    return torch.optim.AdamW([{"params": other, "lr_mult": 1.0}, {"params": b_params, "lr_mult": loraplus_lr_ratio}],
+                             lr=lr, weight_decay=weight_decay, fused=fused)
+
+
+def checkpoint_dir(out: Path) -> Path:
+    """Where the resumable checkpoints of a run writing `out` live (removed when the run finishes)."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.ckpt")
+
+
+def save_checkpoint(root: Path, fp: str, step: int, model, opt, rng: random.Random, state: dict) -> Path:
+    """Adapter weights, optimizer moments, torch RNG (safetensors) + step, data order, curves (JSON); atomic: the
+    directory appears under its final name only when complete, and older checkpoints go after it does."""
+    import torch
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    osd = opt.state_dict()
+    scalars = []
+    for i, st in osd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                if v.dim() == 0:
+                    scalars.append(f"opt.{i}.{k}")
+                tensors[f"opt.{i}.{k}"] = v.detach().cpu().reshape(-1) if v.dim() == 0 else v.detach().cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, str(tmp / "state.safetensors"))
+    s = rng.getstate()
+    meta = {"fingerprint": fp, "step": step, "param_groups": osd["param_groups"], "scalars": scalars,
+            "rng": [s[0], list(s[1]), s[2]], **state}
+    (tmp / "state.json").write_text(json.dumps(meta))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in root.glob("step-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(root: Path, fp: str, model, opt, rng: random.Random, log=print) -> dict | None:
+    """Restore the newest complete checkpoint of this exact run (same fingerprint) into model/opt/rng; its JSON
+    state, or None when there is none. A checkpoint of other inputs is discarded, never resumed."""
+    import torch
+    from safetensors.torch import load_file
+
+    found = sorted(root.glob("step-*")) if root.is_dir() else []
+    if not found:
+        return None
+    meta = json.loads((found[-1] / "state.json").read_text())
+    if meta.get("fingerprint") != fp:
+        log(f"train: discarding checkpoint {found[-1]} (it was made with other inputs or settings)")
+        shutil.rmtree(root, ignore_errors=True)
+        return None
+    tensors = load_file(str(found[-1] / "state.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key.startswith("param."):
+                params[key[len("param."):]].copy_(value)
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, i, k = key.split(".", 2)
+            state.setdefault(int(i), {})[k] = value.reshape(()) if key in meta["scalars"] else value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    version, internal, gauss = meta["rng"]
+    rng.setstate((version, tuple(internal), gauss))
+    return meta
+
+
+def _progress(cfg: TrainConfig, method: str, start: int):
+    """A tqdm bar on a terminal; a no-op object otherwise (logs carry the progress then)."""
+    if cfg.progress and sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        return tqdm(total=cfg.steps, initial=start, desc=f"train {method}", unit="step", dynamic_ncols=True)
+
+    class _Quiet:
+        def update(self, n=1):
+            pass
+
+        def set_postfix_str(self, s):
+            pass
+
+        def close(self):
+            pass
+
+    return _Quiet()
+
+
 def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, val_data: Path, out: Path,
         parent: Path | None = None, log=print) -> Path:
     """Train an adapter; `parent` is a previous training output to warm-start from (same init entry)."""
@@ -218,12 +526,14 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
     init_manifest = manifest.read(init_entry)
     method = init_manifest["config"]["method"]
     rank = init_manifest["config"]["rank"]
+    device, precision = resolve_device_precision(cfg)
     inputs = {
         "base_sha256": model_weights_hash(Path(base_path)),
         "init_key": init_manifest["key"],
         "train_sha256": sha256_file(Path(train_data)),
         "val_sha256": sha256_file(Path(val_data)),
         "parent": manifest.read(parent)["fingerprint"] if parent else None,
+        "precision": precision,
     }
     if inputs["base_sha256"] != init_manifest["base_sha256"]:
         raise ValueError(f"init entry {init_entry} was computed for base sha256:{init_manifest['base_sha256'][:12]}, "
@@ -233,13 +543,13 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
         if pm["inputs"]["init_key"] != init_manifest["key"]:
             raise ValueError(f"parent adapter {parent} started from init {pm['inputs']['init_key']}, not "
                              f"{init_manifest['key']}; warm-start only from the same init (method, rank, base)")
-    config = asdict(cfg)
+    config = {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY}
     fp = manifest.fingerprint("adapter", config, inputs)
     if manifest.reusable(out, "adapter", fp) is not None:
         log(f"train: {out} already holds this adapter (manifest matches); reusing it")
         return Path(out)
 
-    lr = cfg.lr or DEFAULT_LR[method]
+    lr = cfg.lr or (DEFAULT_LR[method] / (4 if cfg.loraplus_lr_ratio > 1 else 1))
     warmup = cfg.warmup_ratio if cfg.warmup_ratio is not None else DEFAULT_WARMUP[method]
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -248,6 +558,11 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
     train_rows = tokenize(train_examples, tokenizer, cfg.max_len)
     val_rows = tokenize(val_examples, tokenizer, cfg.max_len)
     model = build_model(Path(base_path), Path(init_entry), adapter=(Path(parent) / "adapter_native") if parent else None)
+    model = prepare_precision(model.to(device), precision)
+    if method == "dora" and cfg.fast_dora:
+        from pipelines import fast_dora
+
+        fast_dora.enable(model)
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -258,11 +573,7 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
     if trainable == 0:
         raise HealthCheckFailed({"passed": False, "checks": [{"name": "trainable_parameters", "value": 0,
                                                               "threshold": "> 0", "passed": False}]})
-    b_params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
-    other = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" not in n]
-    opt = torch.optim.AdamW([{"params": other, "lr_mult": 1.0},
-                             {"params": b_params, "lr_mult": cfg.loraplus_lr_ratio}],
-                            lr=lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model, lr, cfg.loraplus_lr_ratio, cfg.weight_decay)
     warmup_steps = max(1, int(warmup * cfg.steps))
 
     def lr_at(step: int) -> float:
@@ -271,48 +582,61 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
         progress = (step - warmup_steps) / max(1, cfg.steps - warmup_steps)
         return lr * 0.5 * (1 + math.cos(math.pi * progress))
 
-    rng = random.Random(cfg.seed)
-    lengths = [len(ids) for ids, _ in train_rows]
-    queue: list[list[int]] = []
-    curve, evals = [], []
-    best_val, bad_evals, pad_id = float("inf"), 0, tokenizer.pad_token_id
-    t0, tokens_seen, padded_seen = time.time(), 0, 0
-    train_loss = float("nan")
-    for step in range(cfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step) * g["lr_mult"]
-        step_loss, step_tokens = 0.0, 0
-        opt.zero_grad(set_to_none=True)
-        for _ in range(cfg.grad_accum):
-            if not queue:
-                queue = length_grouped_batches(lengths, cfg.batch_size, rng)
-            ids, labels, mask = collate([train_rows[i] for i in queue.pop()], pad_id)
-            loss_sum, n = batch_loss(model, ids, labels, mask)
-            (loss_sum / max(n, 1) / cfg.grad_accum).backward()
-            step_loss += float(loss_sum.detach())
-            step_tokens += n
-            tokens_seen += int(mask.sum())
-            padded_seen += mask.numel()
-        train_loss = step_loss / max(step_tokens, 1)
-        if not math.isfinite(train_loss):
-            report = {"passed": False, "checks": [{"name": "finite_loss", "value": train_loss, "threshold": "finite",
-                                                   "passed": False, "where": f"step {step + 1}"}]}
-            raise HealthCheckFailed(report)
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        opt.step()
-        curve.append({"step": step + 1, "train_loss": round(train_loss, 5), "lr": lr_at(step)})
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            val = eval_loss(model, val_rows, pad_id)
-            evals.append({"step": step + 1, "val_loss": round(val, 5)})
-            log(f"train {method}: step {step + 1}/{cfg.steps} loss {train_loss:.3f} val {val:.3f} "
-                f"({time.time() - t0:.0f}s)")
-            if val < best_val - 1e-4:
-                best_val, bad_evals = val, 0
-            else:
-                bad_evals += 1
-                if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
-                    log(f"train: early stop at step {step + 1} (no val improvement in {bad_evals} evals)")
-                    break
+    pad_id = tokenizer.pad_token_id
+    batches = BatchSource(train_rows, cfg, pad_id, device)
+    st = {"curve": [], "evals": [], "best_val": float("inf"), "bad_evals": 0, "tokens_seen": 0, "padded_seen": 0,
+          "train_loss": float("nan"), "train_seconds": 0.0, "resumed_from": None}
+    ckpt_root = checkpoint_dir(out)
+    start = 0
+    if cfg.checkpoint_every:
+        meta = load_checkpoint(ckpt_root, fp, model, opt, batches.rng, log=log)
+        if meta is not None:
+            start, batches.queue = meta["step"], meta["queue"]
+            st.update({k: meta[k] for k in st if k in meta})
+            st["resumed_from"] = start
+            log(f"train {method}: resuming from the checkpoint at step {start} ({ckpt_root})")
+    elif ckpt_root.exists():
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    bar = _progress(cfg, method, start)
+    t0 = time.time()
+    stopped_early = False
+    try:
+        for step in range(start, cfg.steps):
+            t_step = time.perf_counter()
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step) * g["lr_mult"]
+            out_step = train_step(model, opt, batches, cfg.grad_accum)
+            train_loss = out_step["loss"]
+            if not math.isfinite(train_loss):
+                report = {"passed": False, "checks": [{"name": "finite_loss", "value": train_loss,
+                                                       "threshold": "finite", "passed": False,
+                                                       "where": f"step {step + 1}"}]}
+                raise HealthCheckFailed(report)
+            st["tokens_seen"] += out_step["real_tokens"]
+            st["padded_seen"] += out_step["padded_tokens"]
+            st["train_seconds"] += time.perf_counter() - t_step
+            st["train_loss"] = train_loss
+            st["curve"].append({"step": step + 1, "train_loss": round(train_loss, 5), "lr": lr_at(step)})
+            bar.update(1)
+            bar.set_postfix_str(f"loss {train_loss:.3f}")
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                val = eval_loss(model, val_rows, pad_id)
+                st["evals"].append({"step": step + 1, "val_loss": round(val, 5)})
+                log(f"train {method}: step {step + 1}/{cfg.steps} loss {train_loss:.3f} val {val:.3f} "
+                    f"({time.time() - t0:.0f}s)")
+                if val < st["best_val"] - 1e-4:
+                    st["best_val"], st["bad_evals"] = val, 0
+                else:
+                    st["bad_evals"] += 1
+                    if cfg.early_stopping_patience and st["bad_evals"] >= cfg.early_stopping_patience:
+                        log(f"train: early stop at step {step + 1} (no val improvement in {st['bad_evals']} evals)")
+                        stopped_early = True
+                        break
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                save_checkpoint(ckpt_root, fp, step + 1, model, opt, batches.rng, {**st, "queue": batches.queue})
+    finally:
+        bar.close()
+    train_loss, curve, evals, best_val = st["train_loss"], st["curve"], st["evals"], st["best_val"]
     val_loss = evals[-1]["val_loss"] if evals else eval_loss(model, val_rows, pad_id)
     base_val = None
     with model.disable_adapter():
@@ -325,12 +649,16 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
         "base_val_loss": round(base_val, 5) if base_val is not None else None,
         "steps": len(curve), "seconds": round(seconds, 2), "lr": lr, "warmup_ratio": warmup,
         "trainable_parameters": trainable, "total_parameters": total,
-        "tokens_per_second": round(tokens_seen / max(seconds, 1e-9), 1),
-        "padding_fraction": round(1 - tokens_seen / max(padded_seen, 1), 4),
+        "tokens_per_second": round(st["tokens_seen"] / max(st["train_seconds"], 1e-9), 1),
+        "padding_fraction": round(1 - st["tokens_seen"] / max(st["padded_seen"], 1), 4),
         "train_examples": len(train_rows), "val_examples": len(val_rows),
+        "device": device, "precision": precision, "stopped_early": stopped_early,
+        "resumed_from_step": st["resumed_from"],
     }
     if not health["passed"]:
         raise HealthCheckFailed(health)
+    if precision == "bf16":  # save fp32 adapters, whatever the frozen base ran in
+        model = model.float()
     with manifest.staging(out) as tmp:
         model.save_pretrained(tmp / "adapter_native")
         if method == "pissa":
@@ -342,6 +670,8 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
             shutil.copytree(tmp / "adapter_native", tmp / "adapter")
         manifest.write(tmp, "adapter", config, inputs, method=method, rank=rank, metrics=metrics, curve=curve,
                        evals=evals, health=health, data={"train_categories": category_counts(train_examples)},
-                       base_path=str(base_path), parent_path=str(parent) if parent else None)
+                       base_path=str(base_path), parent_path=str(parent) if parent else None,
+                       settings={k: getattr(cfg, k) for k in NOT_IDENTITY})
+    shutil.rmtree(ckpt_root, ignore_errors=True)
     log(f"train: wrote {out} (val loss {val_loss:.3f}, {metrics['tokens_per_second']:.0f} tok/s)")
     return Path(out)

@@ -1,0 +1,298 @@
+"""Training throughput: our trainer versus a plain PEFT + Hugging Face `Trainer` loop, on the same model and text.
+
+Run:  python -m bench.run train_throughput                      (CPU: the tiny base, a few steps per case)
+      python -m bench.run train_throughput --device cuda --model 1b   (GPU: a random-weight TinyLlama-1.1B shape)
+
+Every case trains the same LoRA (r16, all seven linear kinds) on the same real Bitext + SGD text, tokenized with the
+project's tokenizer, and reports useful (non-pad) tokens per second over the timed steps (after warm-up steps) and the
+peak GPU memory:
+- plain: PEFT + transformers.Trainer, DataCollatorForSeq2Seq padding each random batch to its longest example (the
+  default recipe), bf16 autocast on a GPU, loss over all positions' logits as the model computes it;
+- plain, group_by_length: the same with the Trainer's own length grouping (a stronger baseline);
+- ours: pipelines.train (BatchSource + train_step): packed rows (no padding), output layer only where a loss is taken,
+  fused AdamW; also ours length-grouped without packing, and DoRA in our trainer (speed and memory vs LoRA).
+Then PiSSA init at Llama-7B layer shapes on the same device: a cold exact SVD versus a cache hit (the stored A, B and
+residual read from disk and copied into the layer).
+Random weights are fine for throughput; the text is real so the length distribution (hence padding) is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+from bench.common import ratio, row, timed, write_result
+
+NAME = "train_throughput"
+REPO = Path(__file__).resolve().parent.parent
+TINY_BASE = REPO / "models" / "tiny-llama"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+
+
+def text_rows(tokenizer, max_len: int, n: int, seed: int = 0):
+    """(ids, labels) for n real examples: Bitext support pairs and SGD dialogue turns, half each."""
+    from pipelines.data import load_bitext, load_dialogue, sample
+    from pipelines.train import tokenize
+
+    examples = sample(load_bitext(), n // 2, seed) + load_dialogue(n=n - n // 2, seed=seed)
+    random.Random(seed).shuffle(examples)
+    return tokenize(examples, tokenizer, max_len)
+
+
+def build_model(kind: str, device: str, dtype):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if kind == "tiny":
+        return AutoModelForCausalLM.from_pretrained(TINY_BASE, dtype=dtype).to(device)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**LLAMA_1B, attn_implementation="sdpa", use_cache=False)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+
+
+def lora(model, dora: bool = False):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0,
+                                            use_dora=dora, task_type="CAUSAL_LM"))
+
+
+def _sync(device: str):
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device: str):
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device: str):
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.startswith("cuda") else None
+
+
+def ours(args, rows, pad_id, *, packing: bool, dora: str | None = None) -> dict:
+    """Our trainer's step loop (the functions pipelines.train.run uses) on a fresh model; dora: "fast" (ours, the
+    trainer's default) or "peft" (PEFT's own DoRA forward)."""
+    import torch
+    from pipelines import fast_dora, train
+
+    dtype = torch.float32
+    model = lora(build_model(args.model, args.device, dtype), dora=dora is not None)
+    if dora == "fast":
+        fast_dora.enable(model)
+    cfg = train.TrainConfig(batch_size=args.batch_size, max_len=args.max_len, packing=packing, steps=args.steps,
+                            device=args.device, precision=args.precision)
+    device, precision = train.resolve_device_precision(cfg)
+    model = train.prepare_precision(model, precision)
+    model.train()
+    opt = train.make_optimizer(model, 1e-4)
+    batches = train.BatchSource(rows, cfg, pad_id, device)
+    _reset_peak(device)
+    real = padded = 0
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            _sync(device)
+            t0 = time.perf_counter()
+            real = padded = 0
+        out = train.train_step(model, opt, batches, 1)
+        real, padded = real + out["real_tokens"], padded + out["padded_tokens"]
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    result = {"seconds": seconds, "useful_tokens": real, "padded_tokens": padded, "peak_gib": _peak_gib(device),
+              "final_loss": out["loss"]}
+    del model, opt
+    return result
+
+
+def plain(args, rows, *, group_by_length: bool, batch_size: int | None = None) -> dict:
+    """PEFT + transformers.Trainer with ordinary padding; the batches it trains on are counted as they go."""
+    import torch
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    on_gpu = args.device.startswith("cuda")
+    dtype = torch.bfloat16 if on_gpu and args.precision != "fp32" else torch.float32
+    model = lora(build_model(args.model, args.device, dtype))
+    data = [{"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)} for ids, labels in rows]
+    counts: list[tuple[int, int]] = []
+    clock: dict[str, float] = {}
+
+    class CountingTrainer(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if len(counts) == args.warmup:
+                _sync(args.device)
+                clock["t0"] = time.perf_counter()
+            counts.append((int(inputs["attention_mask"].sum()), int(inputs["attention_mask"].numel())))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    with tempfile.TemporaryDirectory(prefix="bench-hf-") as out:
+        fields = TrainingArguments.__dataclass_fields__
+        if "train_sampling_strategy" in fields:  # transformers >= 5.2x; older: a boolean
+            grouping = {"train_sampling_strategy": "group_by_length" if group_by_length else "random"}
+        else:
+            grouping = {"group_by_length": group_by_length}
+        targs = TrainingArguments(output_dir=out, per_device_train_batch_size=batch_size or args.batch_size,
+                                  max_steps=args.warmup + args.steps, learning_rate=1e-4, bf16=dtype == torch.bfloat16,
+                                  logging_strategy="no", save_strategy="no", report_to=[], **grouping,
+                                  dataloader_num_workers=0, remove_unused_columns=False, seed=0,
+                                  use_cpu=not on_gpu, disable_tqdm=True)
+        collator = DataCollatorForSeq2Seq(tokenizer=AutoTokenizer.from_pretrained(TINY_BASE), padding="longest",
+                                          label_pad_token_id=-100)
+        _reset_peak(args.device)
+        trainer = CountingTrainer(model=model, args=targs, train_dataset=_ListDataset(data), data_collator=collator)
+        trainer.train()
+        _sync(args.device)
+    seconds = time.perf_counter() - clock["t0"]
+    timed_counts = counts[args.warmup:]
+    return {"seconds": seconds, "useful_tokens": sum(c[0] for c in timed_counts),
+            "padded_tokens": sum(c[1] for c in timed_counts), "peak_gib": _peak_gib(args.device)}
+
+
+class _ListDataset:
+    """A list as a map-style dataset (with the lengths the Trainer's group_by_length reads)."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def pissa_cold_vs_hit(device: str, rank: int, repeats: int) -> tuple[list[dict], list[dict]]:
+    """Exact SVD of Llama-7B layer shapes on `device` versus loading the stored (A, B, residual) into the layer."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from bench.init_cache import SHAPES_7B, pissa_from_svd
+
+    rows, ratios = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-pissa-") as tmp, torch.no_grad():
+        for label, shape in SHAPES_7B.items():
+            W = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
+            pissa_from_svd(W, rank, 1.0, None)  # warm-up: kernels, workspace
+            cold = timed(lambda: (pissa_from_svd(W, rank, 1.0, None), _sync(device)), repeats)
+            path = Path(tmp) / "entry.safetensors"
+            save_file({k: v.cpu() for k, v in pissa_from_svd(W, rank, 1.0, None).items()}, str(path))
+            layer = torch.empty_like(W)
+
+            def hit():
+                got = load_file(str(path))
+                layer.copy_(got["residual"].to(device))
+                got["lora_A"].to(device), got["lora_B"].to(device)
+                _sync(device)
+
+            hits = timed(hit, repeats)
+            rows += [row(f"PiSSA {label} r{rank} on {device}: cold exact SVD", cold),
+                     row(f"PiSSA {label} r{rank} on {device}: cache hit (read + copy into layer)", hits)]
+            ratios.append(ratio(f"pissa_hit_vs_cold {label}", median(hits), median(cold), "target <= 0.05"))
+    return rows, ratios
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m bench.run train_throughput", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--model", default=None, choices=["tiny", "1b"], help="default: tiny on cpu, 1b on cuda")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--batch-size", type=int, default=None, help="rows per step (default 8 on cuda, 4 on cpu)")
+    p.add_argument("--max-len", type=int, default=None, help="tokens per example / packed row (1024 cuda, 256 cpu)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per case (20 cuda, 6 cpu)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--examples", type=int, default=4000, help="real examples to draw batches from")
+    p.add_argument("--repeats", type=int, default=3, help="PiSSA timing repeats")
+    p.add_argument("--skip-pissa", action="store_true")
+    args = p.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    args.model = args.model or ("1b" if gpu else "tiny")
+    args.batch_size = args.batch_size or (8 if gpu else 4)
+    args.max_len = args.max_len or (1024 if gpu else 256)
+    args.steps = args.steps or (20 if gpu else 6)
+
+    import torch
+    from transformers import AutoTokenizer
+
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    tok = AutoTokenizer.from_pretrained(TINY_BASE)
+    rows = text_rows(tok, args.max_len, args.examples)
+    lengths = sorted(len(r[0]) for r in rows)
+    print(f"  {len(rows)} examples, tokens median {lengths[len(lengths) // 2]}, max {lengths[-1]}", flush=True)
+
+    cases = {}
+    mean_len = sum(lengths) / len(lengths)
+    equal_bs = max(args.batch_size, round(args.batch_size * args.max_len / mean_len))
+    for name, fn in [("plain", lambda: plain(args, rows, group_by_length=False)),
+                     ("plain_grouped", lambda: plain(args, rows, group_by_length=True)),
+                     ("plain_equal_tokens", lambda: plain(args, rows, group_by_length=False, batch_size=equal_bs)),
+                     ("ours_grouped", lambda: ours(args, rows, tok.pad_token_id, packing=False)),
+                     ("ours_packed", lambda: ours(args, rows, tok.pad_token_id, packing=True)),
+                     ("ours_packed_dora", lambda: ours(args, rows, tok.pad_token_id, packing=True, dora="fast")),
+                     ("ours_packed_dora_peft", lambda: ours(args, rows, tok.pad_token_id, packing=True, dora="peft"))]:
+        r = fn()
+        r["useful_tok_s"] = r["useful_tokens"] / r["seconds"]
+        r["padding_fraction"] = 1 - r["useful_tokens"] / max(r["padded_tokens"], 1)
+        cases[name] = r
+        print(f"  {name}: {r['useful_tok_s']:.0f} useful tok/s, padding {r['padding_fraction']:.1%}, "
+              f"peak {r['peak_gib']} GiB", flush=True)
+        gc.collect()  # the last case's model and optimizer must not count against the next one's peak
+        if gpu:
+            torch.cuda.empty_cache()
+    labels = {"plain": "plain PEFT + HF Trainer (pad to longest)",
+              "plain_grouped": "plain PEFT + HF Trainer, group_by_length",
+              "plain_equal_tokens": f"plain PEFT + HF Trainer, batch {equal_bs} (as many real tokens per step as ours)",
+              "ours_packed_dora_peft": "ours, packed rows, DoRA with PEFT's forward",
+              "ours_grouped": "ours, length-grouped batches", "ours_packed": "ours, packed rows",
+              "ours_packed_dora": "ours, packed rows, DoRA (pipelines.fast_dora)"}
+    rows_out = [row(f"{args.model} LoRA r16: {labels[k]}", [c["seconds"]], steps=args.steps,
+                    useful_tok_s=round(c["useful_tok_s"], 1), padding=round(c["padding_fraction"], 4),
+                    peak_gib=c["peak_gib"]) for k, c in cases.items()]
+    prefix = "" if gpu else "cpu_"
+    ratios = [
+        ratio(f"{prefix}useful_tokens_ratio_vs_plain_peft", cases["ours_packed"]["useful_tok_s"],
+              cases["plain"]["useful_tok_s"], "target >= 2.0"),
+        ratio(f"{prefix}useful_tokens_ratio_vs_plain_peft_grouped", cases["ours_packed"]["useful_tok_s"],
+              cases["plain_grouped"]["useful_tok_s"], "against the Trainer's own length grouping"),
+        ratio(f"{prefix}useful_tokens_ratio_vs_plain_peft_equal_tokens", cases["ours_packed"]["useful_tok_s"],
+              cases["plain_equal_tokens"]["useful_tok_s"], "plain with a batch as large in real tokens as ours"),
+        ratio(f"{prefix}dora_speed_ratio", cases["ours_packed_dora"]["useful_tok_s"],
+              cases["ours_packed"]["useful_tok_s"], "target >= 0.85"),
+        ratio(f"{prefix}dora_speed_ratio_peft_forward", cases["ours_packed_dora_peft"]["useful_tok_s"],
+              cases["ours_packed"]["useful_tok_s"], "PEFT's DoRA forward in the same loop"),
+    ]
+    if gpu:
+        ratios += [ratio("dora_memory_ratio", cases["ours_packed_dora"]["peak_gib"],
+                         cases["ours_packed"]["peak_gib"], "peak allocated; target <= 1.2"),
+                   ratio("dora_memory_ratio_peft_forward", cases["ours_packed_dora_peft"]["peak_gib"],
+                         cases["ours_packed"]["peak_gib"], "PEFT's DoRA forward")]
+    if not args.skip_pissa:
+        pr, pq = pissa_cold_vs_hit(args.device, 16, args.repeats)
+        rows_out += pr
+        ratios += [dict(q, ratio=prefix + q["ratio"]) for q in pq]
+    notes = [f"Batch {args.batch_size} rows, max {args.max_len} tokens, {args.warmup} warm-up + {args.steps} timed "
+             f"steps per case; {len(rows)} real examples (Bitext + SGD, median {lengths[len(lengths) // 2]} tokens).",
+             "useful tokens = non-pad tokens processed (prompt and response); packed rows hold several examples, so "
+             "ours sees more examples per step: throughput is per token, not per step."]
+    result = {"title": f"Training throughput ({'GPU' if gpu else 'CPU'}, {args.model})",
+              "description": __doc__.split("\n\n")[1].replace("\n", " "),
+              "command": " ".join(["python -m bench.run", NAME, *(argv or [])]),
+              "rows": rows_out, "ratios": ratios, "notes": notes}
+    path = write_result(NAME if gpu else NAME + "_cpu", result)
+    print(f"  wrote {path}")
+    return result
