@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -71,11 +72,17 @@ def cmd_base_build(args, rest) -> int:
 # -- init cache --------------------------------------------------------------------------------------------------
 
 def _init_cfg(args):
-    from pipelines.init_cache import DEFAULT_TARGETS, InitConfig
+    from pipelines.init_cache import DEFAULT_TARGETS, InitConfig, require_bitsandbytes
 
-    return InitConfig(method=args.method, rank=args.rank, alpha=args.alpha,
-                      target_modules=tuple(args.targets.split(",")) if args.targets else DEFAULT_TARGETS,
-                      svd_niter=args.svd_niter, device=args.device)
+    cfg = InitConfig(method=args.method, rank=args.rank, alpha=args.alpha,
+                     target_modules=tuple(args.targets.split(",")) if args.targets else DEFAULT_TARGETS,
+                     svd_niter=args.svd_niter, device=args.init_device, base_quant=args.base_quant)
+    if cfg.base_quant != "none":
+        try:
+            require_bitsandbytes(cfg.base_quant)
+        except RuntimeError as e:
+            raise CliError(str(e)) from None
+    return cfg
 
 
 def cmd_init_cache(args) -> int:
@@ -115,8 +122,12 @@ def cmd_train(args) -> int:
     from registry.store import open_store
 
     cfg = load(train.TrainConfig, args.config) if args.config else train.TrainConfig()
-    if args.steps:
-        cfg.steps = args.steps
+    for flag in ("steps", "device", "precision", "checkpoint_every"):
+        if getattr(args, flag) is not None:  # a flag wins over the YAML
+            setattr(cfg, flag, getattr(args, flag))
+    if args.packing:
+        cfg.packing = True
+    cfg.__post_init__()
     store = open_store(args.store, os.environ.get("AWS_ENDPOINT_URL"))
     init = init_cache.run(_init_cfg(args), Path(args.base), store, Path(args.scratch))
     out = train.run(cfg, Path(args.base), init.path, Path(args.train), Path(args.val), Path(args.out),
@@ -148,36 +159,39 @@ def cmd_merge(args) -> int:
 # -- registry ----------------------------------------------------------------------------------------------------
 
 def cmd_registry(args) -> int:
+    from dataclasses import asdict
+
+    from registry import display
     from registry.versions import AdapterRegistry
 
-    reg = AdapterRegistry(args.tracking_uri or None)
+    reg = AdapterRegistry(args.tracking_uri or None, lease_wait_seconds=getattr(args, "wait", 15.0))
+
+    def emit(data, text: str) -> None:
+        print(json.dumps(data, indent=2, default=str) if args.json else text)
+
     if args.action == "list":
         families = [args.family] if args.family else reg.families()
-        print(f"{'family':24} {'version':8} {'aliases':28} {'gates':6} method")
-        for fam in families:
-            for v in reg.list_versions(fam):
-                print(f"{fam:24} {v.version:8} {','.join(v.aliases) or '-':28} "
-                      f"{'pass' if v.gates_passed() else 'FAIL':6} {v.tags.get('method', '?')}")
+        versions = [v for fam in families for v in reg.list_versions(fam)]
+        emit([display.version_dict(v) for v in versions], display.render_list(versions))
     elif args.action == "show":
-        v = reg.get(args.family, args.version)
-        print(f"{v.family} v{v.version}  aliases: {', '.join(v.aliases) or '-'}  run: {v.run_id}")
-        print(f"source: {v.source}")
-        for k in sorted(v.tags):
-            print(f"  {k:28} {v.tags[k]}")
+        v, history = reg.get(args.family, args.version), reg.history(args.family)
+        mine = [asdict(r) for r in history if v.version in (r.from_version, r.to_version)]
+        emit({**display.version_dict(v), "history": mine}, display.render_show(v, history))
     elif args.action in ("promote", "rollback"):
         actor = args.actor or os.environ.get("USER", "cli")
         if args.action == "promote":
-            rec = reg.promote(args.family, args.version, actor=actor, reason=args.reason)
+            rec = reg.promote(args.family, args.version, actor=actor, reason=args.reason,
+                              allow_base_change=args.allow_base_change)
         else:
             rec = reg.rollback(args.family, actor=actor, reason=args.reason)
-        print(f"{rec.op}: {rec.family} champion {rec.from_version or '-'} -> {rec.to_version}")
+        text = (rec.reason if rec.op == "noop" else
+                f"{rec.op}: {rec.family} champion v{rec.from_version or '-'} -> v{rec.to_version} by {rec.actor}")
+        emit(asdict(rec), text)
     elif args.action == "history":
-        import datetime as dt
-
-        print(f"{'when (UTC)':20} {'op':14} {'from':5} {'to':5} {'actor':16} reason")
-        for r in reg.history(args.family):
-            when = dt.datetime.fromtimestamp(r.ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-            print(f"{when:20} {r.op:14} {r.from_version or '-':5} {r.to_version or '-':5} {r.actor:16} {r.reason}")
+        aliases, history = reg.aliases(args.family), reg.history(args.family)
+        intent, leases = reg.in_flight(args.family)
+        emit(display.history_dict(args.family, aliases, history, intent, leases),
+             display.render_history(args.family, aliases, history, intent, leases))
     return 0
 
 
@@ -189,7 +203,47 @@ def cmd_serve(args) -> int:
     if not os.environ.get("MLFLOW_TRACKING_URI") and not (Path(args.workdir) / "mlflow.db").is_file():
         raise CliError(f"{args.workdir} holds no mlflow.db; run `adapterops demo --workdir {args.workdir}` first, "
                        f"or point MLFLOW_TRACKING_URI (or --profile) at a registry")
-    serve(_workspace(args), args.host, args.port, os.environ.get("ADAPTEROPS_API_KEY"))
+    fallback_cfg = None
+    if args.fallback_config:
+        from pipelines.config import load
+        from serving.fallback import FallbackConfig
+
+        fallback_cfg = load(FallbackConfig, args.fallback_config)
+    serve(_workspace(args), args.host, args.port, os.environ.get("ADAPTEROPS_API_KEY"), fallback_cfg=fallback_cfg)
+    return 0
+
+
+def cmd_rollout(args) -> int:
+    from serving.client import AdminAPIError, AdminClient, render_status
+
+    steps = None
+    if getattr(args, "steps", None):
+        try:
+            steps = [float(x) for x in args.steps.split(",")]
+        except ValueError:
+            raise CliError(f"--steps {args.steps!r} is not a comma-separated list of traffic shares, e.g. "
+                           f"0.05,0.25,0.5,1") from None
+    try:
+        with AdminClient(args.url, args.api_key or os.environ.get("ADAPTEROPS_API_KEY")) as client:
+            if args.action == "status":
+                out = client.rollout_status(args.family)
+            elif args.action == "start":
+                out = client.start_rollout(args.family, args.challenger, steps, args.requests_per_step,
+                                           args.gradual)
+            else:
+                out = client.abort_rollout(args.family, args.reason)
+    except AdminAPIError as e:
+        raise CliError(str(e)) from None
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    if args.action == "start":
+        ro, parity = out["rollout"], out["parity"]
+        print(f"started: {ro['family']}@{ro['challenger']} against champion {ro['champion']}, steps "
+              f"{ro['config']['steps']}, {ro['config']['requests_per_step']} requests per step, gradual rollback "
+              f"{'on' if ro['config']['gradual_rollback'] else 'off'}; parity: "
+              f"{'passed' if parity['passed'] else parity.get('reason', 'not checked')}")
+    print(render_status(out.get("rollout", out)))
     return 0
 
 
@@ -216,6 +270,47 @@ def cmd_retrain(args) -> int:
     return 0
 
 
+# -- schedules ---------------------------------------------------------------------------------------------------
+
+def cmd_schedules(args) -> int:
+    """Serve the Prefect deployments of infra/prefect_deployments.py (monitor checks, reference perplexity,
+    retraining on cron and on drift alerts) until interrupted."""
+    for flag, value in (("--monitor-interval", args.monitor_interval), ("--ppl-interval", args.ppl_interval)):
+        if value < 1:
+            raise CliError(f"{flag} must be at least 1 second, got {value}")
+    from pipelines.demo import load_config
+
+    cfg = load_config(args.config)  # validate before starting anything
+    _prefect_env(args.workdir)
+    ws = _workspace(args)  # checks the base model, creates the work dir
+    if str(REPO_ROOT) not in sys.path:  # infra/ is deployment configuration in the source tree, not installed
+        sys.path.insert(0, str(REPO_ROOT))
+    import contextlib
+
+    from infra import prefect_deployments as deployments
+
+    env = {**os.environ, "ADAPTEROPS_WORKDIR": str(ws.root), "ADAPTEROPS_BASE_DIR": str(ws.base_path),
+           "ADAPTEROPS_PROFILE": args.profile, "ADAPTEROPS_RETRAIN_CONFIG": str(Path(args.config).resolve()),
+           "ADAPTEROPS_FAMILY": ",".join(args.family or [cfg.family]),
+           "ADAPTEROPS_MONITOR_INTERVAL": str(args.monitor_interval),
+           "ADAPTEROPS_PPL_INTERVAL": str(args.ppl_interval), "ADAPTEROPS_RETRAIN_CRON": args.retrain_cron}
+    if args.data_dir:
+        env["ADAPTEROPS_DATA_DIR"] = str(Path(args.data_dir).resolve())
+    with contextlib.ExitStack() as stack:
+        if not os.environ.get("PREFECT_API_URL"):  # set by the profile, the environment, or here
+            try:
+                url = stack.enter_context(deployments.local_server(os.environ["PREFECT_HOME"]))
+            except RuntimeError as e:
+                raise CliError(str(e)) from None
+            os.environ["PREFECT_API_URL"] = url
+            stack.callback(os.environ.pop, "PREFECT_API_URL", None)
+        print(f"Prefect API: {os.environ['PREFECT_API_URL']}", flush=True)
+        built = deployments.build_deployments(env)
+        print(deployments.describe(built), flush=True)
+        deployments.serve(built)
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,14 +329,18 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="action", required=True, metavar="ACTION")
     bsub.add_parser("build", help="pretrain the tiny Llama base + tokenizer (see --help)", add_help=False)
 
-    def init_args(q, with_store=True):
+    def init_args(q, with_store=True, device_flags=("--device", "--init-device")):
         q.add_argument("--base", default=str(DEFAULT_BASE), help="base model directory")
-        q.add_argument("--method", default="pissa", choices=["lora", "rslora", "dora", "pissa"])
+        q.add_argument("--method", default="pissa", choices=["lora", "rslora", "dora", "pissa", "qlora", "qpissa"],
+                       help="qlora / qpissa = lora / pissa with --base-quant nf4")
         q.add_argument("--rank", type=int, default=8)
         q.add_argument("--alpha", type=float, default=16.0)
         q.add_argument("--targets", default="", help="comma-separated module names (default: all Llama linears)")
         q.add_argument("--svd-niter", type=int, default=None, help="PiSSA fast SVD iterations (default exact SVD)")
-        q.add_argument("--device", default="cpu", help="device for the initialisation (cpu, cuda)")
+        q.add_argument(*device_flags, dest="init_device", default="cpu",
+                       help="device for the initialisation, one layer at a time (cpu, cuda)")
+        q.add_argument("--base-quant", default="none", choices=["none", "nf4"],
+                       help="train on a bitsandbytes nf4 base (QLoRA; QPiSSA with pissa); needs bitsandbytes")
         q.add_argument("--store", default="work/init-cache", help="directory or s3://bucket/prefix "
                        "(endpoint from AWS_ENDPOINT_URL)")
         q.add_argument("--scratch", default="work/init-local", help="local directory for fetched entries")
@@ -253,12 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
     ic.set_defaults(func=cmd_init_cache)
 
     t = sub.add_parser("train", help="train an adapter (warms the init cache first)")
-    init_args(t)
+    init_args(t, device_flags=("--init-device",))  # --device is where training runs
     t.add_argument("--train", required=True, help="training JSONL (prompt, response)")
     t.add_argument("--val", required=True, help="validation JSONL")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--config", default=None, help="TrainConfig YAML (see configs/train.yaml)")
     t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--device", default=None, help="auto (default) | cpu | cuda | cuda:N")
+    t.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                   help="auto (default): bf16 on a CUDA device, fp32 on a CPU")
+    t.add_argument("--packing", action="store_true", help="pack several examples per row (no padding)")
+    t.add_argument("--checkpoint-every", type=int, default=None,
+                   help="write a resumable checkpoint every N steps; re-running the same command resumes")
     t.add_argument("--parent", default=None, help="a previous training output to warm-start from")
     t.set_defaults(func=cmd_train)
 
@@ -289,8 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     for q in (rp, rb):
         q.add_argument("--reason", default="", help="why (kept in the audit trail)")
         q.add_argument("--actor", default="", help="who (default $USER)")
+        q.add_argument("--wait", type=float, default=15.0, help="seconds to wait while another promotion or "
+                       "rollback of the family is in flight, then refuse (default 15; 0: refuse at once)")
+    rp.add_argument("--allow-base-change", action="store_true",
+                    help="promote a version trained on another base than the champion's (servers move base too)")
     rh = rsub.add_parser("history", help="audit trail of promotions and rollbacks")
     rh.add_argument("family")
+    for q in (rl, rs, rp, rb, rh):
+        q.add_argument("--json", action="store_true", help="print JSON instead of a table")
     r.set_defaults(func=cmd_registry)
 
     s = sub.add_parser("serve", help="serve a demo work dir's champion over an OpenAI-compatible API")
@@ -299,7 +410,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--base", default=str(DEFAULT_BASE))
     s.add_argument("--profile", default="local", help="local (default) | production | path to a profile YAML")
+    s.add_argument("--fallback-config", default=None, help="FallbackConfig YAML (see configs/fallback.yaml): route "
+                   "a family with severe drift (POST /admin/drift) to its fallback; default: off")
     s.set_defaults(func=cmd_serve)
+
+    ro = sub.add_parser("rollout", help="canary rollouts of a running server (admin API)")
+    rosub = ro.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ro_status = rosub.add_parser("status", help="rollouts: step, weight, each check's last verdict")
+    ro_status.add_argument("family", nargs="?", default=None, help="one family (default: all)")
+    ro_start = rosub.add_parser("start", help="start a canary of a challenger against the family's champion")
+    ro_start.add_argument("family")
+    ro_start.add_argument("--challenger", default=None, help="version (default: the registry's challenger alias)")
+    ro_start.add_argument("--steps", default=None, help="traffic shares, e.g. 0.05,0.25,0.5,1 (default: the "
+                          "server's)")
+    ro_start.add_argument("--requests-per-step", type=int, default=None, help="requests that end a step")
+    ro_start.add_argument("--gradual", action=argparse.BooleanOptionalAction, default=None,
+                          help="on failure step traffic down through the steps instead of cutting it to 0")
+    ro_abort = rosub.add_parser("abort", help="stop a rollout; the champion takes all traffic again")
+    ro_abort.add_argument("family")
+    ro_abort.add_argument("--reason", default="aborted by operator", help="kept in the rollout's state")
+    for q in (ro_status, ro_start, ro_abort):
+        q.add_argument("--url", default=os.environ.get("ADAPTEROPS_URL", "http://127.0.0.1:8000"),
+                       help="server URL (default $ADAPTEROPS_URL or http://127.0.0.1:8000)")
+        q.add_argument("--api-key", default=None, help="admin key (default $ADAPTEROPS_API_KEY)")
+        q.add_argument("--json", action="store_true", help="print the server's JSON answer")
+    ro.set_defaults(func=cmd_rollout)
 
     mo = sub.add_parser("monitor", help="drift monitors")
     mosub = mo.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -323,6 +458,26 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--store", default="")
     rt.add_argument("--profile", default="local", help="local (default) | production | path to a profile YAML")
     rt.set_defaults(func=cmd_retrain)
+
+    sc = sub.add_parser("schedules", help="scheduled monitor checks and retraining as Prefect deployments")
+    scsub = sc.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ss = scsub.add_parser("serve", help="serve the deployments of infra/prefect_deployments.py until interrupted")
+    ss.add_argument("--workdir", default="work/demo", help="work dir holding the registry and predictions.db")
+    ss.add_argument("--base", default=str(DEFAULT_BASE))
+    ss.add_argument("--profile", default="local", help="local (default: starts a local Prefect server) | production "
+                    "| path to a profile YAML")
+    ss.add_argument("--family", action="append", default=None,
+                    help="family to monitor and retrain (repeat for several; default: the config's family)")
+    ss.add_argument("--monitor-interval", type=int, default=900, help="seconds between drift checks (default 900)")
+    ss.add_argument("--ppl-interval", type=int, default=3600,
+                    help="seconds between reference-perplexity checks (default 3600)")
+    ss.add_argument("--retrain-cron", default="0 2 * * *",
+                    help="retraining schedule, cron in UTC (default '0 2 * * *' nightly; '0 2 * * 0' weekly)")
+    ss.add_argument("--config", default=str(CONFIG_DIR / "demo.yaml"),
+                    help="YAML with the retrain, merge and drift settings (default configs/demo.yaml)")
+    ss.add_argument("--data-dir", default="", help="retraining data, <dir>/<family>/{new,champion}/{train,val}.jsonl "
+                    "(default WORKDIR/data)")
+    ss.set_defaults(func=cmd_schedules)
     return p
 
 
@@ -330,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     # Nothing downloads weights or data at run time; progress bars would flood logs of headless runs.
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS", "DO_NOT_TRACK"):
         os.environ.setdefault(var, "1")
+    # bitsandbytes' CPU backend warns on import that it could not fetch an optional kernel from the Hub and suggests
+    # installing `kernels`, which would download it at run time: not advice for an offline tool, so not shown.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["base", "build"]:
         return cmd_base_build(None, argv[2:])
@@ -343,9 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - every error reaches the user as one readable paragraph
         if os.environ.get("ADAPTEROPS_DEBUG"):
             raise
-        known = {"ConfigError", "DataError", "CliError", "RegistryError", "BaseMismatch", "GateFailed",
+        known = {"ConfigError", "DataError", "CliError", "RegistryError", "RegistryBusy", "BaseMismatch", "GateFailed",
                  "HealthCheckFailed", "FileNotFoundError", "ValueError", "CorruptArtifact", "StoreUnreachable",
-                 "ArtifactNotFound", "CorruptVersionArtifact", "RolloutError"}
+                 "ArtifactNotFound", "CorruptVersionArtifact", "RolloutError", "SchemeUnavailable"}
         name = type(e).__name__
         if name not in known:
             raise

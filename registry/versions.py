@@ -6,6 +6,22 @@ One registered model per adapter family. Each version points at the training run
 idempotent steps behind an intent record (a registered-model tag), so a crash at any step is completed by the next
 call; every move leaves an audit record (`audit.NNNNNN` registered-model tags, JSON).
 
+Alias operations (promote, rollback, set/clear challenger, recover) of one family are serialised across processes and
+hosts by a lease: `adapterops.lease.<token>` registered-model tags naming the holder (op, actor, host, pid, expiry).
+A caller waits up to `lease_wait_seconds` for a live holder, then gets RegistryBusy naming it.
+- Guaranteed, on every backend (SQLite file, PostgreSQL, an MLflow server in front of either): while holders finish
+  within `lease_seconds`, at most one alias operation per family runs at a time; its state is read and its intent,
+  alias moves and audit record (numbered without gaps) are written under the lease, so concurrent promotions and
+  rollbacks end as some serial order of them; a refused call changes nothing. An abandoned lease (expired, or its
+  holder's process on this host is gone) is removed by the next caller, which then completes the intent it left.
+- Not guaranteed: (1) a holder stalled past `lease_seconds` (default 60 s; an operation takes well under a second)
+  can be taken over; it re-checks its lease before every step and stops with RegistryBusy when it is gone, but a
+  step already sent completes; (2) expiry compares the wall clocks of different hosts: clock skew eats into
+  `lease_seconds`; (3) a dead holder is detected early only on its own host and pid namespace; elsewhere its lease
+  blocks the family until it expires; (4) fairness: a waiter can lose to a newcomer; (5) writers that move aliases
+  with MlflowClient directly (the MLflow UI included) bypass the lease. MLflow's own HTTP retries after the start-up
+  probe follow MLFLOW_HTTP_REQUEST_MAX_RETRIES / _TIMEOUT.
+
     reg = AdapterRegistry("sqlite:///work/mlflow.db")
     run_id = reg.create_run("support-assistant")
     v = reg.register("support-assistant", run_id, {"adapter": Path("out/adapter")}, {"base_sha256": h}, True)
@@ -19,9 +35,12 @@ import getpass
 import json
 import logging
 import os
+import random
 import shutil
+import socket
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,6 +55,7 @@ log = logging.getLogger(__name__)
 ALIASES = ("champion", "challenger", "previous")
 FAMILY_TAG_KEY, FAMILY_TAG_VALUE = "adapterops.kind", "adapter-family"
 INTENT_TAG = "adapterops.intent"
+LEASE_PREFIX = "adapterops.lease."
 AUDIT_PREFIX = "audit."
 RESERVED_TAGS = ("gates_passed",)
 _MAX_REASON = 2000
@@ -51,6 +71,10 @@ class CorruptVersionArtifact(RegistryError, CorruptArtifact):
 
 class BaseMismatch(RegistryError):
     """The adapter was trained on another base model than the one it would be loaded onto."""
+
+
+class RegistryBusy(RegistryError):
+    """Another process holds the family's alias lease (an operation in flight), or this process lost its lease."""
 
 
 class SimulatedCrash(RuntimeError):
@@ -98,6 +122,74 @@ class ResolvedAdapter:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class Lease:
+    """A claim on a family's alias operations, stored as the registered-model tag `adapterops.lease.<token>`."""
+
+    token: str
+    family: str
+    op: str
+    actor: str
+    host: str
+    scope: str
+    """Hostname, boot id and pid namespace of the holder: where `pid` can be checked for liveness."""
+    pid: int
+    acquired: float
+    expires: float
+    """Seconds since the epoch, by the holder's clock; past it, other processes treat the lease as abandoned."""
+
+    @property
+    def tag(self) -> str:
+        return LEASE_PREFIX + self.token
+
+    def stale_reason(self, now: float) -> str | None:
+        """Why the lease no longer protects anything, or None while its holder may still be working."""
+        if now > self.expires:
+            return f"it expired {now - self.expires:.0f} s ago"
+        if self.scope == _PROCESS_SCOPE and not _pid_alive(self.pid):
+            return f"its process {self.pid} on this host is gone"
+        return None
+
+    def describe(self) -> str:
+        when = time.strftime("%H:%M:%S UTC", time.gmtime(self.acquired))
+        return f"{self.op} by {self.actor} (pid {self.pid} on {self.host}, since {when}, lease {self.token[:8]})"
+
+
+def _process_scope() -> str:
+    """Hostname + kernel boot id + pid-namespace inode: two processes with equal scopes see the same pid table."""
+    parts = [socket.gethostname()]
+    for read in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                 lambda: str(os.stat("/proc/self/ns/pid").st_ino)):
+        try:
+            parts.append(read())
+        except OSError:
+            pass
+    return "/".join(parts)
+
+
+_PROCESS_SCOPE = _process_scope()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed child that its parent has not reaped yet is a zombie: dead for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def _version_number(family: str, version) -> str:
+    version = str(version)
+    if not version.isdigit():
+        raise RegistryError(f"version {version!r} of {family!r} is not a version number; use e.g. '3'")
+    return version
+
+
 def _default_actor() -> str:
     try:
         return os.environ.get("ADAPTEROPS_ACTOR") or getpass.getuser()
@@ -115,9 +207,21 @@ def _short(value: str | None) -> str:
 
 
 class AdapterRegistry:
-    """Adapter families and versions on an MLflow tracking/registry backend (SQLite, PostgreSQL or an MLflow server)."""
+    """Adapter families and versions on an MLflow tracking/registry backend (SQLite, PostgreSQL or an MLflow server).
 
-    def __init__(self, tracking_uri: str | None = None, retries: int = 3):
+    retries: connection attempts of the start-up probe (a down backend fails in seconds, not MLflow's minutes).
+    lease_seconds: how long an alias operation may hold its family's lease before others treat it as abandoned.
+    lease_wait_seconds: how long promote/rollback/... wait for another process's operation on the same family
+    before refusing with RegistryBusy (0: refuse at once).
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        retries: int = 3,
+        lease_seconds: float = 60.0,
+        lease_wait_seconds: float = 15.0,
+    ):
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             raise RegistryError(
@@ -131,6 +235,8 @@ class AdapterRegistry:
             )
         self.tracking_uri = uri
         self.retries = max(1, retries)
+        self.lease_seconds = float(lease_seconds)
+        self.lease_wait_seconds = max(0.0, float(lease_wait_seconds))
         self._probe()
         from mlflow import MlflowClient
 
@@ -238,12 +344,14 @@ class AdapterRegistry:
                 return sorted(out)
 
     def get(self, family: str, version: str) -> VersionInfo:
+        self._model(family)
+        return self._version(family, version)
+
+    def _version(self, family: str, version: str) -> VersionInfo:
+        """`get` for a family known to exist."""
         from mlflow.exceptions import MlflowException
 
-        self._model(family)
-        version = str(version)
-        if not version.isdigit():
-            raise RegistryError(f"version {version!r} of {family!r} is not a version number; use e.g. '3'")
+        version = _version_number(family, version)
         try:
             return self._info(self.client.get_model_version(family, version))
         except MlflowException as e:
@@ -264,6 +372,10 @@ class AdapterRegistry:
             token = page.token
             if not token:
                 return sorted(out, key=lambda v: int(v.version))
+
+    def aliases(self, family: str) -> dict[str, str]:
+        """{alias: version} of the family's aliases that are set."""
+        return {k: str(v) for k, v in (self._model(family).aliases or {}).items()}
 
     def alias(self, family: str, alias: str) -> str | None:
         self._check_alias(alias)
@@ -350,49 +462,78 @@ class AdapterRegistry:
                 f"(gates_passed={info.tags.get('gates_passed')!r}); fix the adapter and register a new version"
             )
 
+    def _require_same_base(self, info: VersionInfo, champion: str | None, what: str, allow: bool) -> None:
+        """Servers load every version of a family onto the champion's base; a version from another base is refused."""
+        if champion is None or allow:
+            return
+        serving = self._version(info.family, champion).tags.get("base_sha256")
+        if _norm_sha(serving) != _norm_sha(info.base_sha256):
+            raise BaseMismatch(
+                f"refusing to make {info.family} v{info.version} {what}: it was trained on base "
+                f"{_short(info.base_sha256)}, but champion v{champion} runs on base {_short(serving)}, which the "
+                "servers have loaded; register a version trained on that base, or pass allow_base_change "
+                "(--allow-base-change) when the servers move to the new base too"
+            )
+
+    def _snapshot(self, family: str, lease: Lease) -> tuple[dict[str, str], dict[str, str]]:
+        """(aliases, tags) of the family once any unfinished operation is completed; stable while `lease` is held."""
+        rm = self._model(family)
+        if self._recover_held(family, lease, rm.tags or {}) is not None:
+            rm = self._model(family)
+        return {k: str(v) for k, v in (rm.aliases or {}).items()}, dict(rm.tags or {})
+
     def promote(
         self,
         family: str,
         version: str,
         actor: str | None = None,
         reason: str = "",
+        allow_base_change: bool = False,
         _fail_after_step: int | None = None,
     ) -> AuditRecord:
         """Make `version` the champion; the old champion becomes `previous`; `challenger` is cleared if it was this."""
-        self.recover(family)
-        info = self.get(family, version)
-        self._require_gates(info, "champion")
-        aliases = {k: str(v) for k, v in (self._model(family).aliases or {}).items()}
-        champion = aliases.get("champion")
-        if champion == info.version:
-            msg = f"{family} v{info.version} is already the champion; nothing changed"
-            log.info(msg)
-            return AuditRecord("noop", family, champion, info.version, actor or _default_actor(), msg, time.time())
-        moves = [["set", "previous", champion]] if champion else []
-        moves.append(["set", "champion", info.version])
-        if aliases.get("challenger") == info.version:
-            moves.append(["delete", "challenger", None])
-        return self._start("promote", family, champion, info.version, actor, reason, moves, _fail_after_step)
+        _version_number(family, version)  # bad input is refused before any lease is taken
+        with self._holding(family, "promote", actor) as lease:
+            aliases, tags = self._snapshot(family, lease)
+            info = self._version(family, version)
+            self._require_gates(info, "champion")
+            champion = aliases.get("champion")
+            if champion == info.version:
+                msg = f"{family} v{info.version} is already the champion; nothing changed"
+                log.info(msg)
+                return AuditRecord("noop", family, champion, info.version, lease.actor, msg, time.time())
+            self._require_same_base(info, champion, "champion", allow_base_change)
+            moves = [["set", "previous", champion]] if champion else []
+            moves.append(["set", "champion", info.version])
+            if aliases.get("challenger") == info.version:
+                moves.append(["delete", "challenger", None])
+            return self._start(lease, tags, champion, info.version, reason, moves, _fail_after_step)
 
     def rollback(
         self, family: str, actor: str | None = None, reason: str = "", _fail_after_step: int | None = None
     ) -> AuditRecord:
         """Champion goes back to `previous`; the rolled-back version loses champion and `previous` is cleared."""
-        self.recover(family)
-        aliases = {k: str(v) for k, v in (self._model(family).aliases or {}).items()}
-        champion, previous = aliases.get("champion"), aliases.get("previous")
-        if champion is None:
-            raise RegistryError(f"cannot roll back {family}: it has no champion; promote a version first")
-        if previous is None or previous == champion:
-            raise RegistryError(
-                f"cannot roll back {family}: champion v{champion} has no previous version to return to; "
-                "promote a known-good version instead"
-            )
-        self.get(family, previous)  # clear error if it was deleted
-        moves = [["set", "champion", previous], ["delete", "previous", None]]
-        if aliases.get("challenger") == previous:  # a version is never champion and challenger at once
-            moves.append(["delete", "challenger", None])
-        return self._start("rollback", family, champion, previous, actor, reason, moves, _fail_after_step)
+        with self._holding(family, "rollback", actor) as lease:
+            aliases, tags = self._snapshot(family, lease)
+            champion, previous = aliases.get("champion"), aliases.get("previous")
+            if champion is None:
+                raise RegistryError(f"cannot roll back {family}: it has no champion; promote a version first")
+            if previous is None or previous == champion:
+                gone = self._deleted_targets(family, "previous")
+                hint = f" (the version it last pointed at, v{gone[-1]}, was deleted)" if gone else ""
+                raise RegistryError(
+                    f"cannot roll back {family}: champion v{champion} has no previous version to return to{hint}; "
+                    "promote a known-good version instead"
+                )
+            if not self._version_exists(family, previous):
+                raise RegistryError(
+                    f"cannot roll back {family}: alias 'previous' points at v{previous}, which no longer exists; "
+                    "promote a known-good version instead"
+                )
+            moves = [["set", "champion", previous], ["delete", "previous", None]]
+            if aliases.get("challenger") == previous:  # a version is never champion and challenger at once
+                moves.append(["delete", "challenger", None])
+            return self._start(lease, tags, champion, previous, reason, moves, _fail_after_step)
 
     def set_challenger(
         self,
@@ -400,35 +541,140 @@ class AdapterRegistry:
         version: str,
         actor: str | None = None,
         reason: str = "",
+        allow_base_change: bool = False,
         _fail_after_step: int | None = None,
     ) -> AuditRecord:
-        """Point `challenger` (the canary) at `version`; refuses failed gates and the current champion."""
-        self.recover(family)
-        info = self.get(family, version)
-        self._require_gates(info, "challenger")
-        aliases = {k: str(v) for k, v in (self._model(family).aliases or {}).items()}
-        if aliases.get("champion") == info.version:
-            raise RegistryError(f"{family} v{info.version} is the champion; a challenger must be another version")
-        current = aliases.get("challenger")
-        if current == info.version:
-            msg = f"{family} v{info.version} is already the challenger; nothing changed"
-            return AuditRecord("noop", family, current, info.version, actor or _default_actor(), msg, time.time())
-        moves = [["set", "challenger", info.version]]
-        return self._start("set_challenger", family, current, info.version, actor, reason, moves, _fail_after_step)
+        """Point `challenger` (the canary) at `version`; refuses failed gates, another base and the champion."""
+        _version_number(family, version)
+        with self._holding(family, "set_challenger", actor) as lease:
+            aliases, tags = self._snapshot(family, lease)
+            info = self._version(family, version)
+            self._require_gates(info, "challenger")
+            if aliases.get("champion") == info.version:
+                raise RegistryError(f"{family} v{info.version} is the champion; a challenger must be another version")
+            current = aliases.get("challenger")
+            if current == info.version:
+                msg = f"{family} v{info.version} is already the challenger; nothing changed"
+                return AuditRecord("noop", family, current, info.version, lease.actor, msg, time.time())
+            self._require_same_base(info, aliases.get("champion"), "challenger", allow_base_change)
+            moves = [["set", "challenger", info.version]]
+            return self._start(lease, tags, current, info.version, reason, moves, _fail_after_step)
 
     def clear_challenger(self, family: str, actor: str | None = None, reason: str = "") -> AuditRecord:
         """Remove the `challenger` alias (a canary that was aborted); a no-op when there is none."""
-        self.recover(family)
-        current = self.alias(family, "challenger")
-        if current is None:
-            msg = f"{family} has no challenger; nothing changed"
-            return AuditRecord("noop", family, None, None, actor or _default_actor(), msg, time.time())
-        moves = [["delete", "challenger", None]]
-        return self._start("clear_challenger", family, current, None, actor, reason, moves, None)
+        with self._holding(family, "clear_challenger", actor) as lease:
+            aliases, tags = self._snapshot(family, lease)
+            current = aliases.get("challenger")
+            if current is None:
+                msg = f"{family} has no challenger; nothing changed"
+                return AuditRecord("noop", family, None, None, lease.actor, msg, time.time())
+            moves = [["delete", "challenger", None]]
+            return self._start(lease, tags, current, None, reason, moves, None)
 
     def recover(self, family: str) -> AuditRecord | None:
-        """Complete an operation that stopped half way (its intent record is still there); None if there is none."""
-        raw = (self._model(family).tags or {}).get(INTENT_TAG)
+        """Complete an operation that stopped half way (its intent record is still there); None if there is none.
+
+        Waits for, then refuses (RegistryBusy), a live lease of another process; an abandoned one (expired, or its
+        holder's process on this host is gone) is taken over and removed.
+        """
+        with self._holding(family, "recover", None) as lease:
+            return self._recover_held(family, lease, self._model(family).tags or {})
+
+    def in_flight(self, family: str) -> tuple[dict | None, list[Lease]]:
+        """The unfinished operation's intent record (or None) and the leases now written on the family."""
+        tags = self._model(family).tags or {}
+        intent = json.loads(tags[INTENT_TAG]) if tags.get(INTENT_TAG) else None
+        return intent, [lease for lease, _ in self._leases(family, tags)]
+
+    # -- the lease: one alias operation per family at a time --------------------------------------------------------
+
+    @staticmethod
+    def _leases(family: str, tags: dict[str, str]) -> list[tuple[Lease, str | None]]:
+        """(lease, stale reason or None) for every lease tag; an unreadable one counts as stale."""
+        now, out = time.time(), []
+        for key, raw in tags.items():
+            if not key.startswith(LEASE_PREFIX):
+                continue
+            try:
+                lease = Lease(**json.loads(raw))
+            except (ValueError, TypeError):
+                lease = Lease(key[len(LEASE_PREFIX) :], family, "?", "?", "?", "?", 0, 0.0, 0.0)
+                out.append((lease, "its record is unreadable"))
+                continue
+            out.append((lease, lease.stale_reason(now)))
+        return out
+
+    def _acquire(self, family: str, op: str, actor: str | None) -> Lease:
+        """Take the family's lease, waiting up to lease_wait_seconds for other holders, else raise RegistryBusy.
+
+        MLflow has no compare-and-swap, so each contender writes its *own* tag (`adapterops.lease.<token>`) and then
+        reads all lease tags: it holds the lease only if no other live lease is there, else it withdraws its tag
+        and backs off. Tag writes are committed database rows (directly or through the tracking server) and a read
+        sees every write that completed before it, so of two contenders at least the later reader sees the other:
+        two processes never both hold the lease (both may withdraw; they retry after a random backoff). What this
+        does and does not guarantee: the module docstring.
+        """
+        deadline = time.monotonic() + self.lease_wait_seconds
+        delay = 0.05
+        while True:
+            others = [lease for lease, stale in self._leases(family, self._model(family).tags or {}) if stale is None]
+            if not others:
+                now = time.time()
+                mine = Lease(uuid.uuid4().hex, family, op, actor or _default_actor(), socket.gethostname(),
+                             _PROCESS_SCOPE, os.getpid(), now, now + self.lease_seconds)
+                self.client.set_registered_model_tag(family, mine.tag, json.dumps(asdict(mine)))
+                leases = self._leases(family, self._model(family).tags or {})
+                others = [lease for lease, stale in leases if stale is None and lease.token != mine.token]
+                if not others:
+                    for lease, stale in leases:
+                        if stale is not None and lease.token != mine.token:
+                            log.warning("%s: removing abandoned lease of %s: %s", family, lease.describe(), stale)
+                            self.client.delete_registered_model_tag(family, lease.tag)
+                    return mine
+                self.client.delete_registered_model_tag(family, mine.tag)  # contended: withdraw and back off
+            if time.monotonic() >= deadline:
+                raise RegistryBusy(self._busy_message(family, op, others))
+            time.sleep(min(delay * random.uniform(0.5, 1.5), max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.5)
+
+    def _busy_message(self, family: str, op: str, others: list[Lease]) -> str:
+        holder = others[0]
+        until = time.strftime("%H:%M:%S UTC", time.gmtime(holder.expires))
+        return (
+            f"cannot {op} {family}: another alias operation is in flight: {holder.describe()}"
+            f"{f' (and {len(others) - 1} more)' if len(others) > 1 else ''}; waited {self.lease_wait_seconds:.0f} s. "
+            f"Retry when it has finished; if its process died, its lease expires at {until} and the next "
+            f"promote/rollback (or AdapterRegistry.recover) then completes its unfinished steps"
+        )
+
+    def _release(self, family: str, lease: Lease) -> None:
+        self.client.delete_registered_model_tag(family, lease.tag)
+
+    def _check_lease(self, family: str, lease: Lease) -> None:
+        if lease.tag not in (self._model(family).tags or {}):
+            raise RegistryBusy(
+                f"{lease.op} of {family} lost its lease {lease.token[:8]} (held longer than {self.lease_seconds:.0f} s,"
+                " so another process took over and completed the unfinished steps); check "
+                f"`adapterops registry history {family}` and repeat the request if it is still wanted"
+            )
+
+    @contextmanager
+    def _holding(self, family: str, op: str, actor: str | None):
+        """Hold the family's lease for the block; a SimulatedCrash leaves it behind, as a killed process would."""
+        lease = self._acquire(family, op, actor)
+        try:
+            yield lease
+        except SimulatedCrash:
+            raise
+        except BaseException:
+            self._release(family, lease)
+            raise
+        self._release(family, lease)
+
+    # -- intent records and steps -----------------------------------------------------------------------------
+
+    def _recover_held(self, family: str, lease: Lease, tags: dict[str, str]) -> AuditRecord | None:
+        raw = tags.get(INTENT_TAG)
         if not raw:
             return None
         intent = json.loads(raw)
@@ -436,24 +682,23 @@ class AdapterRegistry:
             "completing an unfinished %s of %s (v%s -> v%s, by %s)",
             intent["op"], family, intent["from_version"], intent["to_version"], intent["actor"],
         )
-        return self._run(intent, skip=1, fail_after=None)
+        return self._run(intent, lease, skip=1, fail_after=None)
 
-    def _start(self, op, family, from_version, to_version, actor, reason, moves, fail_after) -> AuditRecord:
-        tags = self._model(family).tags or {}
+    def _start(self, lease, tags, from_version, to_version, reason, moves, fail_after) -> AuditRecord:
         numbers = [int(k[len(AUDIT_PREFIX) :]) for k in tags if k.startswith(AUDIT_PREFIX)]
         intent = {
             "id": uuid.uuid4().hex,
-            "op": op,
-            "family": family,
+            "op": lease.op,
+            "family": lease.family,
             "from_version": from_version,
             "to_version": to_version,
-            "actor": actor or _default_actor(),
+            "actor": lease.actor,
             "reason": (reason or "")[:_MAX_REASON],
             "ts": time.time(),
             "audit_key": f"{AUDIT_PREFIX}{max(numbers, default=0) + 1:06d}",
             "moves": moves,
         }
-        return self._run(intent, skip=0, fail_after=fail_after)
+        return self._run(intent, lease, skip=0, fail_after=fail_after)
 
     def _steps(self, intent: dict) -> list[tuple[str, Callable[[], None]]]:
         """The operation as idempotent steps: write intent, each alias move, write audit record, clear intent."""
@@ -490,10 +735,11 @@ class AdapterRegistry:
 
         return move
 
-    def _run(self, intent: dict, skip: int, fail_after: int | None) -> AuditRecord:
+    def _run(self, intent: dict, lease: Lease, skip: int, fail_after: int | None) -> AuditRecord:
         for number, (name, step) in enumerate(self._steps(intent), start=1):
             if number <= skip:
                 continue
+            self._check_lease(intent["family"], lease)
             step()
             if fail_after is not None and number == fail_after:
                 raise SimulatedCrash(f"simulated crash after step {number} ({name}) of {intent['op']}")
@@ -512,10 +758,8 @@ class AdapterRegistry:
         self._check_alias(alias)
         version = self.alias(family, alias)
         if version is None:
-            setters = {"champion": ("promote", "rollback"), "challenger": ("set_challenger",)}.get(alias, ())
-            pointed = {r.to_version for r in self.history(family) if r.op in setters and r.to_version}
-            gone = [v for v in pointed if not self._version_exists(family, v)]
-            hint = f" (versions it pointed at were deleted: {', '.join(sorted(set(gone), key=int))})" if gone else ""
+            gone = self._deleted_targets(family, alias)
+            hint = f" (versions it pointed at were deleted: {', '.join(gone)})" if gone else ""
             raise RegistryError(f"{family} has no {alias!r} alias{hint}; promote or set a version first")
         if not self._version_exists(family, version):
             raise RegistryError(
@@ -523,6 +767,18 @@ class AdapterRegistry:
                 "promote or roll back to fix it"
             )
         return version
+
+    def _deleted_targets(self, family: str, alias: str) -> list[str]:
+        """Versions the audit trail says `alias` pointed at that no longer exist, oldest first."""
+        pointed: set[str] = set()
+        for r in self.history(family):
+            if alias == "champion" and r.op in ("promote", "rollback"):
+                pointed.add(r.to_version)
+            elif alias == "challenger" and r.op == "set_challenger":
+                pointed.add(r.to_version)
+            elif alias == "previous" and r.op == "promote" and r.from_version:
+                pointed.add(r.from_version)
+        return sorted((v for v in pointed if v and not self._version_exists(family, v)), key=int)
 
     def _version_exists(self, family: str, version: str) -> bool:
         from mlflow.exceptions import MlflowException
@@ -557,6 +813,7 @@ class AdapterRegistry:
         destination when the stored artifact itself does not match (CorruptVersionArtifact).
         """
         import mlflow.artifacts
+        from mlflow.exceptions import MlflowException
 
         info = self.get(family, version)
         expected = info.tags.get(f"sha256.{name}")
@@ -572,11 +829,20 @@ class AdapterRegistry:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.parent / f".{name}.{uuid.uuid4().hex[:8]}.partial"
         try:
-            local = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"{info.source.rstrip('/')}/{name}", dst_path=str(tmp), tracking_uri=self.tracking_uri
+            try:
+                local = Path(
+                    mlflow.artifacts.download_artifacts(
+                        artifact_uri=f"{info.source.rstrip('/')}/{name}", dst_path=str(tmp),
+                        tracking_uri=self.tracking_uri,
+                    )
                 )
-            )
+            except (MlflowException, OSError) as e:
+                detail = " ".join(str(e).split()).split("#####")[-1].strip()[:300]  # MLflow: "##### File x #####"
+                raise RegistryError(
+                    f"artifact {name!r} of {family} v{info.version} cannot be downloaded from {info.source}: "
+                    f"{detail}; if the store is up, the stored copy is gone: re-register the adapter from its "
+                    "training output"
+                ) from e
             actual = tree_hash(local)
             if actual != expected:
                 raise CorruptVersionArtifact(

@@ -6,19 +6,24 @@
     httpx.post(f"{url}/v1/completions", json={"model": "support-assistant", "prompt": "...", "max_tokens": 16})
     server.stop()
 
-`model` is a family (routed: champion, or the challenger for its traffic share while a rollout runs, or the family's
-fallback while one is set), `family@3` (pinned to a version) or "base" (adapters disabled). The response id is the
-request id that the prediction log and POST /v1/feedback use. Endpoints are plain `def`s: FastAPI runs them in its
-thread pool, and the pool's lock serialises the model itself.
+`model` is a family (routed: champion, or the challenger for its traffic share while a rollout runs; the family's
+fallback takes the champion's share while one is set), `family@3` (pinned to a version) or "base" (adapters
+disabled). The response id is the request id that the prediction log and POST /v1/feedback use. Endpoints are plain
+`def`s: FastAPI runs them in its thread pool, and the pool's lock serialises the model itself.
+
+With a FallbackPolicy (serving/fallback.py), POST /admin/drift takes the monitors' verdicts and the server routes a
+family with severe drift to its fallback until a new champion arrives (a rollout promoted, or the registry's
+champion alias moved, read every `registry_poll_s`); /v1/models and the gauge adapterops_fallback_active say so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +36,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.fallback import FallbackPolicy
 from serving.metrics import ServingMetrics
 from serving.parity import GOLDEN_FILE, check_parity, load_golden
 from serving.pool import AdapterLoadError, AdapterNotLoaded, AdapterPool, ContextLengthExceeded
-from serving.rollout import RolloutController, RolloutError
-from serving.router import BASE, ROUTE_CANARY, ROUTE_CHAMPION, Router, UnknownFamily
+from serving.rollout import RolloutConfig, RolloutController, RolloutError
+from serving.router import BASE, ROUTE_CANARY, ROUTE_CHAMPION, ROUTE_FALLBACK, Router, UnknownFamily
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,7 @@ ROUTE_PINNED = "pinned"
 ROUTE_BASE = "base"
 CHAT_STOP = ["###"]
 _RECENT_IDS = 100_000
+UNLOAD_DRAIN_S = 60.0  # how long an unload waits for the requests already routed to the adapter
 
 
 @dataclass
@@ -66,6 +73,21 @@ class ServerState:
     """Refuse a rollout whose challenger has no golden logits (GOLDEN_FILE) to check against."""
     parity_thresholds: dict = field(default_factory=dict)
     """Keyword overrides for check_parity (min_cosine, max_abs, min_top1)."""
+    fallback: FallbackPolicy | None = None
+    """Acts on POST /admin/drift verdicts (severe drift -> the family's fallback); None: that endpoint answers 409."""
+
+
+def load_from_registry(state: ServerState, family: str, version: str, ref: str | None = None) -> Path:
+    """Download `ref` (default family@version) from the registry, hash-verified and refused (BaseMismatch) when
+    trained on another base, and load it into the pool as family@version; returns its directory. The caller records
+    it in state.families."""
+    if state.registry is None or state.adapter_cache is None:
+        raise LookupError(f"cannot load {family}@{version}: this server has no registry (and adapter_cache) to "
+                          f"resolve it from; POST /admin/adapters/load with a path")
+    resolved = state.registry.resolve(ref or f"{family}@{version}", state.adapter_cache,
+                                      expected_base_sha256=state.pool.base_sha256)
+    state.pool.load(f"{family}@{version}", resolved.path, base_sha256=resolved.base_sha256)
+    return Path(resolved.path).resolve()
 
 
 class APIError(Exception):
@@ -134,9 +156,14 @@ class VersionRequest(BaseModel):
 
 class RolloutStartRequest(BaseModel):
     family: str
-    challenger: str
+    challenger: str | None = None
+    """None: the registry's challenger alias."""
     champion: str | None = None
     offline_nll: float | None = None
+    steps: list[float] | None = None
+    requests_per_step: int | None = None
+    gradual_rollback: bool | None = None
+    """steps / requests_per_step / gradual_rollback override the server's RolloutConfig for this rollout."""
 
 
 class RolloutAbortRequest(BaseModel):
@@ -147,6 +174,18 @@ class RolloutAbortRequest(BaseModel):
 class FallbackRequest(BaseModel):
     family: str
     fallback: str | None = None
+
+
+class DriftVerdict(BaseModel):
+    family: str
+    drift: bool | None
+    """The window's verdict; None (or details.status "insufficient_data"): too little data to say."""
+    severe: bool = False
+    """The sender's own judgement that the drift is severe (engages at once)."""
+    version: str | None = None
+    """The version the window was compared against; a verdict about another than the champion is ignored."""
+    details: dict = {}
+    """monitoring.drift.DriftResult.as_dict(): its tests' p-values feed FallbackConfig.severe_alpha."""
 
 
 @dataclass
@@ -166,28 +205,135 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
 
 
 def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="adapterops serving", version="0.1.0")
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        stop = threading.Event()
+        cfg = state.fallback.config if state.fallback is not None else None
+        poller = None
+        if cfg is not None and cfg.registry_poll_s and state.registry is not None:
+            poller = threading.Thread(target=poll_registry, args=(stop, cfg.registry_poll_s), name="registry-poll",
+                                      daemon=True)
+            poller.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            if poller is not None:
+                poller.join(10.0)
+            if state.rollout is not None:
+                state.rollout.flush()  # samples since the last periodic save survive a clean shutdown
+
+    app = FastAPI(title="adapterops serving", version="0.1.0", lifespan=lifespan)
     metrics = ServingMetrics()
     metrics.adapters_loaded.set_function(lambda: len(state.pool.loaded()))
     metrics.adapter_switches.set_function(lambda: state.pool.switches)
+    metrics.watch_fallbacks(state.router.families)
     lock = threading.RLock()  # guards state.families and composite admin operations
+    inflight: Counter = Counter()  # adapter key -> requests routed to it, not yet answered
+    drained = threading.Condition(lock)  # notified when a key's in-flight count drops to 0 (unload waits on it)
     recent_ids: OrderedDict[str, None] = OrderedDict()
     app.state.serving = state
     app.state.metrics = metrics
 
-    # ------------------------------------------------------------------ rollout <-> router
+    # ------------------------------------------------------------------ rollout, fallback <-> router
+
+    def known_versions(family: str) -> dict[str, Path]:
+        with lock:
+            return dict(state.families.get(family, {}))
+
+    def ensure_version(family: str, version: str) -> None:
+        """Make family@version servable: known already, or loaded (verified) from the registry."""
+        if version == BASE or version in known_versions(family):
+            return
+        path = load_from_registry(state, family, version)  # outside the lock: requests read state.families
+        with lock:
+            state.families.setdefault(family, {})[version] = path
 
     def sync_router(family: str) -> None:
         champion, challenger, weight = state.rollout.weight(family)
         if champion is not None:
             state.router.set(family, champion, challenger, weight)
             metrics.rollout_weight.labels(family).set(weight)
+            if state.fallback is not None and not state.rollout.is_active(family):
+                follow_champion(family, champion)
+
+    def follow_champion(family: str, champion: str) -> None:
+        """`champion` serves the family now: a new one releases a fallback engaged for the old one; the same one
+        engages a severe drift's fallback that waited for a rollout to end (or failed before)."""
+        undone = state.fallback.champion_changed(family, champion)
+        if undone is not None:
+            state.router.set_fallback(family, None)
+            log.warning("family %s has a new champion %s: fallback %s released", family, champion, undone["version"])
+        elif state.fallback.should_engage(family) and not (state.rollout is not None
+                                                           and state.rollout.is_active(family)):
+            engage_fallback(family)
+
+    def engage_fallback(family: str) -> str | None:
+        """Route the family's champion share to the configured fallback; the error, if it could not."""
+        policy = state.fallback
+        try:
+            version = BASE
+            if policy.config.target == "previous":
+                if state.registry is None:
+                    raise LookupError("fallback target 'previous' needs a registry; this server has none")
+                version = state.registry.alias(family, "previous")
+                if version is None:
+                    raise LookupError(f"the registry has no 'previous' version of {family} (its first champion?); "
+                                      f"set fallback target 'base' or promote through the registry")
+                ensure_version(family, version)
+            state.router.set_fallback(family, version)
+        except Exception as exc:
+            msg = f"cannot engage the fallback of {family}: {type(exc).__name__}: {exc}"
+            log.error(msg)
+            policy.mark_failed(family, msg)
+            return msg
+        policy.mark_engaged(family, version)
+        log.warning("family %s is on fallback %s: %s", family, version, policy.status(family)["reason"])
+        return None
+
+    def restore_fallback(family: str) -> None:
+        """Put back a fallback engaged before a restart, unless the family has had a new champion since."""
+        version = state.fallback.engaged().get(family) if state.fallback is not None else None
+        if version is None:
+            return
+        try:
+            if state.fallback.champion_changed(family, state.router.get(family).champion) is not None:
+                return
+            ensure_version(family, version)
+            state.router.set_fallback(family, version)
+        except UnknownFamily:
+            return
+        except Exception as exc:
+            log.error("cannot restore the fallback %s of %s: %s", version, family, exc)
+            state.fallback.mark_failed(family, f"restore after restart: {type(exc).__name__}: {exc}")
+
+    def poll_registry(stop: threading.Event, interval: float) -> None:
+        """Follow the registry's champion aliases (a promotion or rollback made elsewhere) while no rollout runs."""
+        errors: dict[str, str] = {}
+        while not stop.wait(interval):
+            for family, route in state.router.families().items():
+                if state.rollout is not None and state.rollout.is_active(family):
+                    continue
+                try:
+                    champion = state.registry.alias(family, "champion")
+                    if champion is not None and champion != route.champion:
+                        ensure_version(family, champion)
+                        state.router.set(family, champion)
+                        log.warning("registry moved the champion of %s: %s -> %s", family, route.champion, champion)
+                        follow_champion(family, champion)
+                    errors.pop(family, None)
+                except Exception as exc:
+                    if errors.get(family) != str(exc):  # once per distinct error, not every interval
+                        log.warning("registry poll of %s failed: %s: %s", family, type(exc).__name__, exc)
+                    errors[family] = str(exc)
 
     if state.rollout is not None:
         state.rollout.subscribe(sync_router)
         for family in state.rollout.status()["rollouts"]:
             if state.rollout.is_active(family):
                 sync_router(family)
+    for family in state.router.families():
+        restore_fallback(family)
 
     # ------------------------------------------------------------------ errors
 
@@ -227,10 +373,6 @@ def create_app(state: ServerState) -> FastAPI:
         if not auth.startswith("Bearer ") or auth[len("Bearer "):] != state.api_key:
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <api_key>'",
                            type="authentication_error", code="invalid_api_key")
-
-    def known_versions(family: str) -> dict[str, Path]:
-        with lock:
-            return dict(state.families.get(family, {}))
 
     def resolve(model: str, user: str | None) -> _Target:
         if model == BASE:
@@ -285,7 +427,10 @@ def create_app(state: ServerState) -> FastAPI:
               stop: list[str]) -> tuple[str, _Target, Any]:
         t0 = time.perf_counter()
         try:
-            target = resolve(model, user)
+            with lock:  # routed and counted in one step, so an unload cannot slip in between (see admin_unload)
+                target = resolve(model, user)
+                if target.key:
+                    inflight[target.key] += 1
         except APIError as e:
             metrics.error("unknown", "unknown", e.code or str(e.status))
             raise
@@ -300,6 +445,13 @@ def create_app(state: ServerState) -> FastAPI:
         except Exception as e:  # the model failed: count it against the adapter, answer 500, keep serving
             log.exception("completion failed for %s", model)
             error = f"{type(e).__name__}: {e}"
+        finally:
+            if target.key:
+                with lock:
+                    inflight[target.key] -= 1
+                    if inflight[target.key] <= 0:
+                        del inflight[target.key]
+                        drained.notify_all()
         latency_ms = (time.perf_counter() - t0) * 1e3
         status = "500" if error else "200"
         metrics.observe(target.family, target.version, target.route, status, latency_ms / 1e3,
@@ -317,7 +469,7 @@ def create_app(state: ServerState) -> FastAPI:
             recent_ids[rid] = None
             if len(recent_ids) > _RECENT_IDS:
                 recent_ids.popitem(last=False)
-        if (state.rollout is not None and target.route in (ROUTE_CHAMPION, ROUTE_CANARY)
+        if (state.rollout is not None and target.route in (ROUTE_CHAMPION, ROUTE_CANARY, ROUTE_FALLBACK)
                 and state.rollout.is_active(target.family)):
             state.rollout.record(target.family, target.version, rid, latency_ms, error is not None,
                                  completion.response_nll if completion else None)
@@ -391,10 +543,12 @@ def create_app(state: ServerState) -> FastAPI:
         for family in sorted(set(families) | set(routes)):
             route = routes.get(family)
             versions = sorted(families.get(family, {}), key=lambda v: (len(v), v))
-            data.append({"id": family, "object": "model", "owned_by": "adapterops", "adapterops": {
-                "champion": route.champion if route else None, "challenger": route.challenger if route else None,
-                "weight": route.weight if route else 0.0, "fallback": route.fallback if route else None,
-                "versions": versions, "loaded": [v for v in versions if f"{family}@{v}" in loaded]}})
+            info = {"champion": route.champion if route else None, "challenger": route.challenger if route else None,
+                    "weight": route.weight if route else 0.0, "fallback": route.fallback if route else None,
+                    "versions": versions, "loaded": [v for v in versions if f"{family}@{v}" in loaded]}
+            if state.fallback is not None:
+                info["drift"] = state.fallback.status(family)  # why a fallback is engaged (or pending)
+            data.append({"id": family, "object": "model", "owned_by": "adapterops", "adapterops": info})
             for v in versions:
                 data.append({"id": f"{family}@{v}", "object": "model", "owned_by": "adapterops",
                              "adapterops": {"loaded": f"{family}@{v}" in loaded}})
@@ -447,29 +601,33 @@ def create_app(state: ServerState) -> FastAPI:
         if "@" in req.family or not req.family or not req.version or req.version == BASE:
             raise APIError(400, f"invalid family/version {key!r}", param="family")
         if req.path is not None:
-            path, base_sha = Path(req.path), req.base_sha256
+            path = Path(req.path)
+            try:
+                state.pool.load(key, path, base_sha256=req.base_sha256)
+            except AdapterLoadError as e:
+                raise APIError(400, str(e), param="path", code="adapter_load_failed") from None
         elif state.registry is not None:
             if state.adapter_cache is None:
                 raise APIError(400, "the server has a registry but no adapter_cache directory to download into")
             try:
-                resolved = state.registry.resolve(req.ref or key, state.adapter_cache,
-                                                  expected_base_sha256=state.pool.base_sha256)
+                path = load_from_registry(state, req.family, req.version, req.ref)
+            except AdapterLoadError as e:
+                raise APIError(400, str(e), param="ref", code="adapter_load_failed") from None
             except Exception as e:
                 raise APIError(409 if type(e).__name__ == "BaseMismatch" else 400, f"cannot resolve {req.ref or key}"
                                     f" in the registry: {e}", code="registry_error") from None
-            path, base_sha = resolved.path, resolved.base_sha256
         else:
             raise APIError(400, "send 'path' (this server has no registry to resolve a ref)", param="path")
-        try:
-            state.pool.load(key, path, base_sha256=base_sha)
-        except AdapterLoadError as e:
-            raise APIError(400, str(e), param="path", code="adapter_load_failed") from None
+        new_route = False
         with lock:
             state.families.setdefault(req.family, {})[req.version] = Path(path).resolve()
             try:
                 state.router.get(req.family)
             except UnknownFamily:
                 state.router.set(req.family, req.version)  # the first version of a family becomes its champion
+                new_route = True
+        if new_route:
+            restore_fallback(req.family)
         return {"loaded": key, "path": str(Path(path).resolve()), "pool": state.pool.loaded(),
                 "route": state.router.get(req.family).as_dict()}
 
@@ -489,7 +647,11 @@ def create_app(state: ServerState) -> FastAPI:
                           and req.version in state.rollout.weight(req.family)[:2]):
                 raise APIError(409, f"{key} is routed to (champion, challenger or fallback); route the family "
                                     f"elsewhere before unloading it", code="adapter_in_use")
-            del state.families[req.family][req.version]
+            path = state.families[req.family].pop(req.version)  # new requests can no longer be routed to it
+            if not drained.wait_for(lambda: key not in inflight, timeout=UNLOAD_DRAIN_S):  # releases the lock
+                state.families[req.family][req.version] = path
+                raise APIError(409, f"{key} still has {inflight[key]} request(s) in flight after "
+                                    f"{UNLOAD_DRAIN_S:.0f} s; try the unload again", code="adapter_busy")
             try:
                 state.pool.unload(key)
             except AdapterNotLoaded:
@@ -502,9 +664,39 @@ def create_app(state: ServerState) -> FastAPI:
         if req.fallback not in (None, BASE) and req.fallback not in known_versions(req.family):
             raise APIError(404, f"fallback version {req.fallback} of {req.family} is not loaded", param="fallback")
         try:
-            return state.router.set_fallback(req.family, req.fallback).as_dict()
+            route = state.router.set_fallback(req.family, req.fallback).as_dict()
         except UnknownFamily:
             raise APIError(404, f"family {req.family!r} has no route", param="family") from None
+        if req.fallback is None and state.fallback is not None and state.fallback.release(req.family):
+            log.warning("operator cleared the drift fallback of %s", req.family)
+        return route
+
+    def fallback_policy() -> FallbackPolicy:
+        if state.fallback is None:
+            raise APIError(409, "this server has no fallback policy (FallbackConfig.enabled)", code="fallback_disabled")
+        return state.fallback
+
+    @app.post("/admin/drift")
+    def admin_drift(req: DriftVerdict, request: Request):
+        """One monitoring window's drift verdict about a family's champion; severe drift engages its fallback."""
+        admin(request)
+        policy = fallback_policy()
+        try:
+            champion = state.router.get(req.family).champion
+        except UnknownFamily:
+            raise APIError(404, f"family {req.family!r} has no route", param="family") from None
+        follow_champion(req.family, champion)
+        active = state.rollout is not None and state.rollout.is_active(req.family)
+        decision = policy.observe(req.family, champion, req.drift, severe=req.severe, details=req.details,
+                                  version=req.version, defer=active)
+        error = engage_fallback(req.family) if decision["engage"] else None
+        return {"decision": decision, "error": error, "route": state.router.get(req.family).as_dict(),
+                "drift": policy.status(req.family)}
+
+    @app.get("/admin/fallback")
+    def admin_fallback_status(request: Request):
+        admin(request)
+        return fallback_policy().status()
 
     def controller() -> RolloutController:
         if state.rollout is None:
@@ -515,31 +707,51 @@ def create_app(state: ServerState) -> FastAPI:
     def admin_rollout_start(req: RolloutStartRequest, request: Request):
         admin(request)
         ctl = controller()
-        versions = known_versions(req.family)
-        champion = req.champion
-        if champion is None:
+        try:
+            route = state.router.get(req.family)
+        except UnknownFamily:
+            raise APIError(404, f"family {req.family!r} has no route", param="family") from None
+        overrides = {k: v for k, v in (("steps", req.steps), ("requests_per_step", req.requests_per_step),
+                                       ("gradual_rollback", req.gradual_rollback)) if v is not None}
+        try:
+            config = RolloutConfig(**{**ctl.config.as_dict(), **overrides}) if overrides else None
+        except ValueError as e:
+            raise APIError(400, f"invalid rollout settings: {e}", code="invalid_value") from None
+        champion, challenger = req.champion or route.champion, req.challenger
+        if challenger is None:
+            if state.registry is None:
+                raise APIError(400, "send 'challenger' (this server has no registry to read the challenger alias "
+                                    "from)", param="challenger")
             try:
-                champion = state.router.get(req.family).champion
-            except UnknownFamily:
-                raise APIError(404, f"family {req.family!r} has no route", param="family") from None
-        for name, v in (("champion", champion), ("challenger", req.challenger)):
-            if v not in versions:
-                raise APIError(404, f"{name} {req.family}@{v} is not loaded; load it first", param=name,
-                               code="model_not_found")
+                challenger = state.registry.alias(req.family, "challenger")
+            except Exception as e:
+                raise APIError(400, f"cannot read the challenger of {req.family} from the registry: {e}",
+                               param="challenger", code="registry_error") from None
+            if challenger is None:
+                raise APIError(409, f"the registry has no challenger for {req.family}; register one (or send "
+                                    f"'challenger')", param="challenger", code="no_challenger")
+        for name, v in (("champion", champion), ("challenger", challenger)):
+            try:
+                ensure_version(req.family, v)
+            except Exception as e:
+                raise APIError(404, f"{name} {req.family}@{v} is not loaded; load it first ({e})", param=name,
+                               code="model_not_found") from None
+        versions = known_versions(req.family)
         parity = {"passed": None, "reason": f"no {GOLDEN_FILE} next to the challenger adapter"}
-        golden_path = versions[req.challenger] / GOLDEN_FILE
+        golden_path = versions[challenger] / GOLDEN_FILE
         if golden_path.is_file():
             g = load_golden(golden_path)
-            parity = check_parity(state.pool, f"{req.family}@{req.challenger}", g.prompts, g.logits, g.mask,
+            parity = check_parity(state.pool, f"{req.family}@{challenger}", g.prompts, g.logits, g.mask,
                                   **state.parity_thresholds)
             if not parity["passed"]:
-                raise APIError(409, f"train/serve parity check failed for {req.family}@{req.challenger}: "
+                raise APIError(409, f"train/serve parity check failed for {req.family}@{challenger}: "
                                     f"{'; '.join(parity['failures'])}", code="parity_failed", extra={"parity": parity})
         elif state.require_parity:
-            raise APIError(409, f"{req.family}@{req.challenger} has no {GOLDEN_FILE}; a parity check is required "
+            raise APIError(409, f"{req.family}@{challenger} has no {GOLDEN_FILE}; a parity check is required "
                                 f"before a rollout", code="parity_missing")
         try:
-            status = ctl.start(req.family, champion, req.challenger, offline_nll=req.offline_nll)
+            status = ctl.start(req.family, champion, challenger, offline_nll=req.offline_nll, config=config,
+                               baseline=route.fallback)
         except RolloutError as e:
             raise APIError(409, str(e), code="rollout_conflict") from None
         return {"rollout": status, "parity": parity}

@@ -7,7 +7,10 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -32,6 +35,10 @@ class ServingMetrics:
                                     ["family"], registry=r)
         self.adapter_switches = Gauge("adapterops_adapter_switches", "Adapter switches done by the pool", registry=r)
 
+    def watch_fallbacks(self, routes: Callable[[], dict]) -> None:
+        """Export adapterops_fallback_active{family, fallback} from `routes()` (Router.families()) at scrape time."""
+        self.registry.register(_FallbackCollector(routes))
+
     def observe(self, family: str, version: str, route: str, status: str, latency_s: float,
                 completion_tokens: int = 0) -> None:
         self.requests.labels(family, version, route, status).inc()
@@ -41,3 +48,24 @@ class ServingMetrics:
 
     def error(self, family: str, version: str, kind: str) -> None:
         self.errors.labels(family, version, kind).inc()
+
+
+class _FallbackCollector:
+    """1 for a family whose champion share goes to a fallback (labelled with it; "base" = adapters off), else 0."""
+
+    def __init__(self, routes: Callable[[], dict]):
+        self.routes = routes
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily("adapterops_fallback_active", "1 while the family's champion traffic goes to its "
+                                 "fallback (label fallback: the version, 'base' = adapters off)",
+                                 labels=["family", "fallback"])
+
+    def describe(self):
+        yield self._family()
+
+    def collect(self):
+        g = self._family()
+        for family, route in sorted(self.routes().items()):
+            g.add_metric([family, route.fallback or ""], 1.0 if route.fallback is not None else 0.0)
+        yield g

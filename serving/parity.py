@@ -4,7 +4,8 @@
     report = check_parity(pool, "support-assistant@3", golden.prompts, golden.logits, golden.mask)
     report["passed"]   # False blocks the rollout (POST /admin/rollout/start answers 409 with this report)
 
-The comparison itself is monitoring.logit_stats.compare_logits, the same one the merge gates use.
+The comparison (`compare_to_golden`, over monitoring.logit_stats.compare_logits) is also what the merge stage runs
+when a version is rebuilt: the rebuild's logits must match the golden logits stored with the version.
 """
 
 from __future__ import annotations
@@ -53,17 +54,22 @@ def load_golden(path: Path) -> Golden:
     return Golden(prompts, tensors["logits"], tensors["mask"])
 
 
-def check_parity(pool, key: str | None, prompts: list[str], golden_logits: torch.Tensor, golden_mask: torch.Tensor,
-                 min_cosine: float = 0.9999, max_abs: float = 1e-3, min_top1: float = 1.0) -> dict:
-    """Serve `prompts` through pool[key] and compare with the golden logits; {"passed", measured values, thresholds}."""
+def compare_to_golden(golden_logits: torch.Tensor, golden_mask: torch.Tensor, logits: torch.Tensor,
+                      mask: torch.Tensor, min_cosine: float = 0.9999, max_abs: float = 1e-3,
+                      min_top1: float = 1.0) -> dict:
+    """Compare candidate logits (served, or a rebuilt version's) with stored golden logits of the same prompts.
+
+    Returns {"passed", "failures", "thresholds", measured cosine/max_abs/top1/KL...}. A different shape or token mask
+    (another tokenizer or another prompt set) fails with that reason instead of comparing unlike positions. One
+    implementation for the serving parity check and the merge stage's rebuild regression check.
+    """
     thresholds = {"min_cosine": min_cosine, "max_abs": max_abs, "min_top1": min_top1}
-    served, mask = pool.prompt_logits(list(prompts), key)
-    out = {"key": key, "prompts": len(prompts), "thresholds": thresholds}
-    if served.shape != golden_logits.shape or not torch.equal(mask.bool(), golden_mask.bool().cpu()):
-        return {**out, "passed": False, "failures": [
-            f"served logits {tuple(served.shape)} / token mask do not match the golden {tuple(golden_logits.shape)}: "
-            f"the serving tokenizer or base differs from the training one"]}
-    cmp = compare_logits(golden_logits.float().cpu(), served, golden_mask.cpu())
+    golden_mask = golden_mask.bool().to(logits.device)
+    if logits.shape != golden_logits.shape or not torch.equal(mask.bool(), golden_mask):
+        return {"passed": False, "thresholds": thresholds, "failures": [
+            f"logits {tuple(logits.shape)} / token mask do not match the golden {tuple(golden_logits.shape)}: "
+            f"the tokenizer, base or prompt set differs from the one the golden logits were made with"]}
+    cmp = compare_logits(golden_logits.float().to(logits.device), logits, golden_mask)
     failures = []
     if not cmp.cosine >= min_cosine:
         failures.append(f"cosine {cmp.cosine:.6f} < {min_cosine}")
@@ -71,4 +77,13 @@ def check_parity(pool, key: str | None, prompts: list[str], golden_logits: torch
         failures.append(f"max |logit difference| {cmp.max_abs:.3g} > {max_abs}")
     if not cmp.top1_agreement >= min_top1:
         failures.append(f"top-1 agreement {cmp.top1_agreement:.4f} < {min_top1}")
-    return {**out, **cmp.as_dict(), "passed": not failures, "failures": failures}
+    return {"thresholds": thresholds, **cmp.as_dict(), "passed": not failures, "failures": failures}
+
+
+def check_parity(pool, key: str | None, prompts: list[str], golden_logits: torch.Tensor, golden_mask: torch.Tensor,
+                 min_cosine: float = 0.9999, max_abs: float = 1e-3, min_top1: float = 1.0) -> dict:
+    """Serve `prompts` through pool[key] and compare with the golden logits; {"passed", measured values, thresholds}."""
+    served, mask = pool.prompt_logits(list(prompts), key)
+    report = compare_to_golden(golden_logits.cpu(), golden_mask.cpu(), served.cpu(), mask.cpu(), min_cosine,
+                               max_abs, min_top1)
+    return {"key": key, "prompts": len(prompts), **report}

@@ -175,8 +175,12 @@ class AdapterPool:
         if getattr(cfg, "modules_to_save", None) or getattr(cfg, "trainable_token_indices", None):
             self._peft.set_adapter(name, inference_mode=True)  # auxiliary modules need PEFT's full path
             return
+        # BaseTunerLayer.set_adapter(name, inference_mode=True) also re-freezes every loaded adapter's weights, on
+        # every layer and every switch (layers x adapters calls: ~7 ms with 8 adapters on the tiny base). Served
+        # adapters are loaded frozen and never unfrozen, so that part is a no-op here; what remains is the pointer.
+        active = [name]
         for layer in self._tuner_layers:
-            layer.set_adapter(name, inference_mode=True)
+            layer._active_adapter = active
         self._peft.base_model.active_adapter = name
 
     def _refresh_layers(self) -> None:
@@ -191,8 +195,16 @@ class AdapterPool:
             if self._peft is None or not self._adapters:
                 yield self._peft if self._peft is not None else self.base
                 return
-            with self._peft.disable_adapter():
-                yield self._peft
+            try:
+                with self._peft.disable_adapter():
+                    yield self._peft
+            finally:
+                # leaving disable_adapter() re-enables the active adapter through set_adapter(inference_mode=False),
+                # which marks its weights trainable; served weights stay frozen (inference runs without autograd,
+                # but nothing should be left looking trainable)
+                for p in self._peft.parameters():
+                    if p.requires_grad:
+                        p.requires_grad_(False)
             return
         entry = self._adapters.get(key)
         if entry is None:

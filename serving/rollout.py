@@ -275,9 +275,14 @@ class RolloutController:
         """Call listener(family) after every change of a family's weights (start, step, promote, rollback, abort)."""
         self._listeners.append(listener)
 
-    def start(self, family: str, champion: str, challenger: str, offline_nll: float | None = None) -> dict:
-        if champion == challenger:
-            raise RolloutError(f"challenger {challenger} is the champion already; nothing to roll out")
+    def start(self, family: str, champion: str, challenger: str, offline_nll: float | None = None,
+              config: RolloutConfig | None = None, baseline: str | None = None) -> dict:
+        """Start a rollout at the first step. `config` overrides the controller's for this rollout only (it is
+        stored with the rollout, so a restart keeps it). `baseline`: the version that serves the champion's share
+        instead of the champion (the family's fallback, "base" or a version); its requests form the champion arm."""
+        if champion == challenger or (baseline is not None and baseline == challenger):
+            raise RolloutError(f"challenger {challenger} is the champion (or the fallback serving in its place) "
+                               f"already; nothing to roll out")
         with self._lock:
             old = self._state["rollouts"].get(family)
             if old is not None and old["status"] in ACTIVE:
@@ -286,10 +291,10 @@ class RolloutController:
             if old is not None:
                 self._archive(old)
             now = time.time()
-            cfg = self.config
+            cfg = config or self.config
             ro = {
                 "id": uuid.uuid4().hex, "family": family, "champion": champion, "challenger": challenger,
-                "offline_nll": offline_nll, "status": RUNNING, "step": 0, "weight": cfg.steps[0],
+                "baseline": baseline, "offline_nll": offline_nll, "status": RUNNING, "step": 0, "weight": cfg.steps[0],
                 "step_started_at": now, "step_requests": 0, "started_at": now, "ended_at": None, "reason": None,
                 "config": cfg.as_dict(), "samples": _empty_arms(), "suspect": None,
                 "feedback": {CHAMPION: {}, CHALLENGER: {}}, "history": [], "callback_errors": [],
@@ -339,7 +344,8 @@ class RolloutController:
 
     def record(self, family: str, version: str, request_id: str, latency_ms: float, error: bool,
                response_nll: float | None) -> None:
-        """One served request of a family; ignored unless a rollout of that family is active and version is an arm."""
+        """One served request of a family; ignored unless a rollout of that family is active and version is an arm
+        (the challenger, or the champion or the baseline serving in its place)."""
         events: list[tuple] = []
         with self._lock:
             ro = self._state["rollouts"].get(family)
@@ -347,7 +353,7 @@ class RolloutController:
                 return
             if version == ro["challenger"]:
                 arm = CHALLENGER
-            elif version == ro["champion"]:
+            elif version in (ro["champion"], ro.get("baseline")):
                 arm = CHAMPION
             else:
                 return
@@ -574,19 +580,24 @@ class RolloutController:
             return
         self._last_save = now
         self._dirty = False
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".rollout-", suffix=".json", dir=self.state_path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(self._state, separators=(",", ":")))
-                f.flush()
-                if durable:
-                    os.fsync(f.fileno())
-            os.replace(tmp, self.state_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json_atomic(self.state_path, self._state, durable)
+
+
+def write_json_atomic(path: Path, obj: dict, durable: bool = True) -> None:
+    """Write-to-temp then os.replace (fsynced if durable): a crash leaves the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(obj, separators=(",", ":")))
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 __all__ = ["RolloutConfig", "RolloutController", "RolloutError", "analyze", "check_error_rate", "check_latency",
-           "check_feedback", "check_nll"]
+           "check_feedback", "check_nll", "write_json_atomic"]

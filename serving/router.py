@@ -1,7 +1,9 @@
 """Traffic router: which adapter version of a family serves a request.
 
 Per family: a champion version, optionally a challenger taking `weight` of the traffic, and an optional fallback
-("base" or a version) that overrides routing while set (the incident switch). Pure Python, thread-safe.
+("base" or a version) that takes the champion's share while set (the incident switch, and the drift fallback of
+serving/fallback.py). A challenger under canary keeps its share, so a retrained version can pass its canary while
+its family is on fallback (abort the rollout to send everything to the fallback). Pure Python, thread-safe.
 
     router = Router()
     router.set("support-assistant", champion="2", challenger="3", weight=0.05)
@@ -39,7 +41,7 @@ class Route:
     weight: float = 0.0
     """Share of traffic in [0, 1] that goes to the challenger."""
     fallback: str | None = None
-    """While set ("base" or a version), every request of the family goes there."""
+    """While set ("base" or a version), it serves the champion's share of the family's requests."""
 
     def __post_init__(self):
         if not self.champion:
@@ -76,7 +78,7 @@ class Router:
             return route
 
     def set_fallback(self, family: str, fallback: str | None) -> Route:
-        """Override routing of a family ("base" or a version); None clears the override."""
+        """Route the champion's share of a family to `fallback` ("base" or a version); None clears it."""
         with self._lock:
             old = self._get(family)
             route = Route(old.champion, old.challenger, old.weight, fallback)
@@ -99,14 +101,13 @@ class Router:
         """(version, route) for one request; route is "champion", "canary" or "fallback"."""
         with self._lock:
             route = self._get(family)
-            if route.fallback is not None:
-                return route.fallback, ROUTE_FALLBACK
+            default = (route.champion, ROUTE_CHAMPION) if route.fallback is None else (route.fallback, ROUTE_FALLBACK)
             if route.challenger is None or route.weight <= 0.0:
-                return route.champion, ROUTE_CHAMPION
+                return default
             u = sticky_position(family, user_key) if user_key is not None else self._rng.random()
         if u < route.weight:
             return route.challenger, ROUTE_CANARY
-        return route.champion, ROUTE_CHAMPION
+        return default
 
     def _get(self, family: str) -> Route:
         try:

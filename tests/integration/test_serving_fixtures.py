@@ -49,6 +49,19 @@ def training_side_logits(adapter_dir: Path, prompts: list[str]) -> tuple[torch.T
     return logits.float(), batch.attention_mask
 
 
+def register_version(reg, family: str, adapter_dir: Path, golden: bool = True) -> str:
+    """Register a real adapter (with golden logits next to it, so the parity check runs) as a new version of
+    `family` in a real MLflow registry; returns the version."""
+    from registry.hashing import model_weights_hash
+    from serving.parity import GOLDEN_FILE, save_golden
+
+    if golden and not (adapter_dir / GOLDEN_FILE).is_file():
+        save_golden(adapter_dir / GOLDEN_FILE, PROMPTS, *training_side_logits(adapter_dir, PROMPTS))
+    run_id = reg.create_run("serving-tests")
+    return reg.register(family, run_id, {"adapter": adapter_dir}, {"base_sha256": model_weights_hash(BASE)},
+                        True).version
+
+
 @contextlib.contextmanager
 def running(app):
     from serving.app import BackgroundServer

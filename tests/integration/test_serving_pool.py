@@ -1,7 +1,5 @@
 """AdapterPool and the parity check on the tiny base with real PEFT adapters."""
 
-import statistics
-import time
 
 import pytest
 import torch
@@ -58,16 +56,24 @@ def test_kv_cache_generation_matches_full_recompute(pool):
     assert pool.tokenizer.decode(ids[0, n:], skip_special_tokens=True) == c.text
 
 
-def test_switching_loaded_adapters_is_sub_millisecond(pool):
-    pool.complete(PROMPTS[2], "fam@1", max_tokens=1)
-    times = []
-    for i in range(60):
-        key = "fam@2" if i % 2 == 0 else "fam@1"
-        with pool._lock:
-            t = time.perf_counter()
-            with pool._use(key):
-                times.append(time.perf_counter() - t)
-    assert statistics.median(times) < 1e-3, statistics.median(times)
+def test_switching_between_loaded_adapters_serves_each_adapters_own_logits(pool, adapters):
+    """The pool's fast switch (the active-adapter pointer only) must be PEFT's set_adapter in effect: after any
+    sequence of switches each key gives exactly the logits of a pool holding that adapter alone, and no adapter
+    weight becomes trainable. (How fast a switch is, is measured by bench/serving.py.)"""
+    alone = {}
+    for v in ("1", "2"):
+        single = AdapterPool(BASE, max_adapters=1)
+        single.load(f"fam@{v}", adapters[v])
+        alone[v] = single.prompt_logits(PROMPTS[:2], f"fam@{v}")[0]
+    for key in ["fam@2", "fam@1", "fam@1", "fam@2", None, "fam@1", "fam@2"]:
+        got = pool.prompt_logits(PROMPTS[:2], key)[0]
+        if key is None:
+            assert not torch.allclose(got, alone["1"]) and not torch.allclose(got, alone["2"])
+            continue
+        torch.testing.assert_close(got, alone[key.split("@")[1]], rtol=0, atol=1e-5)
+    trainable = [n for n, p in pool._peft.named_parameters() if p.requires_grad]
+    assert not trainable, trainable[:4]
+    assert pool.switches > 0
 
 
 def test_load_is_idempotent_and_lru_evicts(adapters, tmp_path):

@@ -20,11 +20,13 @@ from pipelines import cli
 from pipelines.config import REPO_ROOT
 
 ADAPTEROPS = Path(sys.executable).parent / "adapterops"
-TOP_COMMANDS = ["demo", "base", "init-cache", "train", "merge", "registry", "serve", "monitor", "retrain"]
+TOP_COMMANDS = ["demo", "base", "init-cache", "train", "merge", "registry", "serve", "monitor", "retrain", "rollout",
+                "schedules"]
 LEAVES = [("demo",), ("base", "build"), ("init-cache",), ("train",), ("merge",), ("registry", "list"),
           ("registry", "show"), ("registry", "promote"), ("registry", "rollback"), ("registry", "history"),
-          ("serve",), ("monitor", "check"), ("retrain",)]
-GROUPS = [("base",), ("registry",), ("monitor",)]
+          ("serve",), ("monitor", "check"), ("retrain",), ("rollout", "status"), ("rollout", "start"),
+          ("rollout", "abort"), ("schedules", "serve")]
+GROUPS = [("base",), ("registry",), ("monitor",), ("rollout",), ("schedules",)]
 
 
 def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):

@@ -206,6 +206,56 @@ def test_gradual_rollback_steps_down_in_reverse(tmp_path):
     assert [h["decision"] for h in st["history"]][-2:] == ["step_down", "step_down"]
 
 
+def test_gradual_rollback_resumes_after_a_restart_and_reports_once(tmp_path):
+    """A failing challenger steps down, the process restarts mid-way, the new one finishes the rollback."""
+    path = tmp_path / "s.json"
+    cfg = RolloutConfig(steps=(0.1, 0.3, 0.6, 1.0), requests_per_step=100, min_samples=10, gradual_rollback=True)
+    ev = Events()
+    ctl = ev.controller(path, cfg)
+    ctl.start("fam", "1", "2")
+    bad = {"err": 0.9, "when": lambda c: c.weight("fam")[2] >= 0.3 or c.status("fam")["status"] == "rolling_back"}
+    rng = np.random.default_rng(6)
+    i = 0
+    while ctl.status("fam")["status"] != "rolling_back":
+        i = drive(ctl, rng, bad=bad, n_max=1, start_index=i)
+    ctl.flush()
+    before = ctl.status("fam")
+    # failed at the 0.3 step: stepped down to 0.1, not cut to 0, and not reported (no registry change) yet
+    assert (before["step"], before["weight"]) == (0, 0.1) and ev.rolled_back == []
+
+    ev2 = Events()
+    ctl2 = ev2.controller(path, RolloutConfig())  # the rollout keeps its own config across the restart
+    assert ctl2.status("fam")["status"] == "rolling_back" and ctl2.weight("fam") == ("1", "2", before["weight"])
+    drive(ctl2, rng, bad=bad, start_index=i)
+    st = ctl2.status("fam")
+    assert st["status"] == "rolled_back" and ev2.promoted == [] and len(ev2.rolled_back) == 1
+    assert ev.rolled_back == [] and ctl2.weight("fam") == ("1", None, 0.0) and ev2.weights[-1] == ("1", None, 0.0)
+    decisions = [h["decision"] for h in st["history"]]
+    assert decisions[-2:] == ["rollback", "step_down"] and len(st["history"]) > len(before["history"])
+
+
+def test_per_rollout_config_and_fallback_baseline_arm(tmp_path):
+    """start(config=...) applies to that rollout only; with a baseline, the fallback's requests are the champion
+    arm (the family was on fallback when the rollout started)."""
+    ev = Events()
+    ctl = ev.controller(tmp_path / "s.json", RolloutConfig())
+    own = RolloutConfig(steps=(0.5, 1.0), requests_per_step=8, min_samples=2, gradual_rollback=True)
+    ctl.start("fam", "2", "3", config=own, baseline="base")
+    st = ctl.status("fam")
+    assert st["config"]["steps"] == [0.5, 1.0] and st["config"]["gradual_rollback"] and st["baseline"] == "base"
+    assert ctl.config.steps == RolloutConfig().steps
+    for i in range(4):
+        ctl.record("fam", "base", f"b{i}", 10.0, False, None)  # the fallback serving the champion's share
+        ctl.record("fam", "3", f"c{i}", 10.0, False, None)
+    ctl.record("fam", "1", "other", 10.0, False, None)  # neither arm
+    st = ctl.status("fam")
+    assert st["step"] == 1 and st["counts"]["champion"]["requests"] == 4
+    assert st["counts"]["challenger"]["requests"] == 4
+    ctl.abort("fam", "test over")
+    with pytest.raises(RolloutError, match="fallback"):
+        ctl.start("fam", "2", "base", baseline="base")
+
+
 def test_abort_and_conflicts(tmp_path):
     ev = Events()
     ctl = ev.controller(tmp_path / "s.json", RolloutConfig())

@@ -68,17 +68,22 @@ def test_sticky_position_depends_on_family():
     assert all(0.0 <= sticky_position("f", f"u{i}") < 1.0 for i in range(100))
 
 
-def test_fallback_overrides_routing_and_clears():
+def test_fallback_takes_the_champion_share_and_clears():
     r = Router()
-    r.set("fam", "1", "2", weight=0.5)
+    r.set("fam", "1")
     r.set_fallback("fam", "base")
     assert {r.choose("fam", f"u{i}") for i in range(50)} == {("base", "fallback")}
+    r.set("fam", "1", "2", weight=0.5)  # a canary keeps its share; the rest stays on the fallback
+    picks = {u: r.choose("fam", u) for u in (f"u{i}" for i in range(400))}
+    assert set(picks.values()) == {("base", "fallback"), ("2", "canary")}
+    assert all((route == "canary") == (sticky_position("fam", u) < 0.5) for u, (_, route) in picks.items())
     r.set("fam", "1", "2", weight=1.0)  # a weight change keeps the fallback
-    assert r.choose("fam") == ("base", "fallback")
+    assert r.get("fam").fallback == "base" and r.choose("fam") == ("2", "canary")
+    r.set("fam", "1")
     r.set_fallback("fam", "0")
     assert r.choose("fam") == ("0", "fallback")
     r.set_fallback("fam", None)
-    assert r.choose("fam") == ("2", "canary")
+    assert r.choose("fam") == ("1", "champion")
 
 
 def test_unknown_family():
