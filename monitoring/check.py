@@ -4,6 +4,9 @@ Inputs are JSONL files, one request per line, each with at least "prompt" and, i
 stats (prompt_nll, gen_entropy, gen_max_prob) and "embedding_max_cos". Missing max-cos values are computed here
 with MiniLM against an index: the adapter's training prompts (--index) or, without one, the reference prompts
 themselves (the reference's own values then leave each prompt out). The verdict comes from `drift.detect`.
+Windows read from the prediction log (`log_window`) reuse the embeddings stored with the rows and store the ones
+they had to compute, so no prompt is embedded twice. A window of another adapter version than the reference's is
+refused (`check_versions`).
 
     python -m monitoring.check --reference ref.jsonl --current cur.jsonl [--current cur2.jsonl] \
         [--index train_prompts.jsonl] --json out.json
@@ -65,18 +68,52 @@ def rows_to_columns(rows: list[dict], stats) -> dict[str, np.ndarray]:
     return cols
 
 
+def check_versions(reference_rows: list[dict], current_windows: list[list[dict]],
+                   reference_version: str | None = None) -> str | None:
+    """Refuse to compare a window with the reference of another adapter version; returns the reference's version.
+
+    The reference's version is `reference_version`, else the one "version" its rows carry (None when they carry
+    none). Current rows that carry a "version" must match it: a window of v3 traffic tested against v2's reference
+    measures the version change, not drift, and would raise a false alarm.
+    """
+    ref_versions = {str(r["version"]) for r in reference_rows if r.get("version") is not None}
+    if reference_version is not None:
+        reference_version = str(reference_version)
+        if ref_versions - {reference_version}:
+            raise ValueError(f"the reference rows are of version(s) {sorted(ref_versions)}, not {reference_version}; "
+                             "use that version's own monitoring reference")
+    elif len(ref_versions) > 1:
+        raise ValueError(f"the reference mixes rows of versions {sorted(ref_versions)}; a reference describes one "
+                         "adapter version, recapture it for the version you monitor")
+    else:
+        reference_version = next(iter(ref_versions), None)
+    if reference_version is None:
+        return None
+    for k, rows in enumerate(current_windows):
+        other = sorted({str(r["version"]) for r in rows if r.get("version") is not None} - {reference_version})
+        if other:
+            n = sum(1 for r in rows if r.get("version") is not None and str(r["version"]) != reference_version)
+            raise ValueError(f"current window {k} has {n} rows of version(s) {other}, but the reference is of version "
+                             f"{reference_version}; select that version's rows (PredictionLog.query(version=...)) or "
+                             "compare with the other version's reference")
+    return reference_version
+
+
 def check_windows(reference_rows: list[dict], current_windows: list[list[dict]], cfg: DriftConfig,
-                  encoder=None, index: EmbeddingIndex | None = None) -> list[DriftResult]:
+                  encoder=None, index: EmbeddingIndex | None = None,
+                  reference_version: str | None = None) -> list[DriftResult]:
     """One DriftResult per current window.
 
     Rows that already carry a finite "embedding_max_cos" keep it. For the others, if `encoder` is given, each
     distinct prompt is embedded once (across all windows) and scored against `index`, or against the reference
     prompts when `index` is None (leave-one-out for the reference rows themselves). Without an encoder those rows
     stay NaN, and the embedding stat is reported as not tested when too few values remain.
+    Rows of another version than the reference's are refused (`check_versions`).
     """
     if not reference_rows:
         raise ValueError("the reference window has no rows; pass a reference of at least "
                          f"{cfg.min_window} requests")
+    check_versions(reference_rows, current_windows, reference_version)
     ref_cols = rows_to_columns(reference_rows, cfg.stats)
     cur_cols = [rows_to_columns(w, cfg.stats) for w in current_windows]
 
@@ -108,6 +145,43 @@ def check_windows(reference_rows: list[dict], current_windows: list[list[dict]],
     return [detect(ref_cols, c, cfg) for c in cur_cols]
 
 
+def log_window(log, family: str, version: str, index: EmbeddingIndex, encoder=None, after_id: int = 0,
+               limit: int | None = None) -> tuple[list[dict], int]:
+    """A window of one adapter version's logged requests, ready for `check_windows`; returns (rows, last id seen).
+
+    Each row gets "embedding_max_cos" against `index` from the embedding stored with it (PredictionLog's
+    `embedding` column), so a check never embeds a prompt that was embedded before. Rows logged without an
+    embedding are embedded here, once, with `encoder`, and the embeddings are written back to the log for the
+    windows that read them later; without an encoder their max-cos stays NaN (left out of the embedding test).
+    """
+    if version is None or str(version) == "":
+        raise ValueError(f"log_window needs the adapter version whose traffic to check (family {family!r}); "
+                         "windows mixing versions cannot be compared with one version's reference")
+    log.flush()
+    rows = log.query(family=family, version=str(version), after_id=after_id, limit=limit)
+    last = rows[-1]["id"] if rows else after_id
+    missing = [i for i, r in enumerate(rows) if r["embedding"] is None]
+    if missing and encoder is not None:
+        vectors = embed(encoder, [rows[i]["prompt"] for i in missing])
+        log.set_embeddings([rows[i]["id"] for i in missing], vectors)
+        for i, v in zip(missing, vectors):
+            rows[i]["embedding"] = v
+    have = [i for i, r in enumerate(rows) if r["embedding"] is not None]
+    max_cos = np.full(len(rows), np.nan)
+    if have:
+        dims = {rows[i]["embedding"].shape[0] for i in have}
+        if dims != {index.dim}:
+            raise ValueError(f"logged embeddings have dimension(s) {sorted(dims)} but the index has {index.dim}; "
+                             "they were made by another encoder: re-embed the prompts or rebuild the index with it")
+        max_cos[have] = index.max_cosine(np.stack([rows[i]["embedding"] for i in have]))
+    out = []
+    for r, mc in zip(rows, max_cos):
+        row = {k: v for k, v in r.items() if k != "embedding"}
+        row[EMBEDDING_STAT] = float(mc)
+        out.append(row)
+    return out, last
+
+
 def _needs_embeddings(rows_sets: list[list[dict]]) -> bool:
     for rows in rows_sets:
         for row in rows:
@@ -132,6 +206,9 @@ def run_check(reference: Path, currents: list[Path], json_out: Path, index_promp
     if index_prompts is not None and not use_embeddings:
         raise ValueError("an index of training prompts was given but use_embeddings=False; drop the index or "
                          "enable embeddings")
+    if not Path(reference).is_file():
+        raise FileNotFoundError(f"reference window {reference} does not exist; pass the monitoring reference of the "
+                                "version whose traffic this is (its reference.jsonl, captured at registration)")
     ref_rows = load_jsonl(reference)
     windows = [load_jsonl(p) for p in currents]
 

@@ -146,9 +146,11 @@ def holm_thresholds(p_values: list[float], alpha: float) -> tuple[list[float], l
 def detect(reference: dict[str, np.ndarray], current: dict[str, np.ndarray], cfg: DriftConfig) -> DriftResult:
     """Test each stat of `cfg.stats` with a two-sample KS test, reference vs current window.
 
-    NaN/inf values are dropped first (a request without generated tokens has no gen_entropy). A stat with fewer
-    than `cfg.min_window` finite values on either side is reported with a note and not tested; with no testable
-    stat the verdict is "insufficient_data". drift = any test fired after Holm's correction.
+    NaN/inf values are dropped first (a request without generated tokens has no gen_entropy; the test's note
+    counts them). A stat with fewer than `cfg.min_window` finite values on either side is reported with a note and
+    not tested; with no testable stat the verdict is "insufficient_data", never drift. A reference in which no stat
+    has `cfg.min_window` finite values is an error (no window could ever be tested: monitoring would be off without
+    saying so). drift = any test fired after Holm's correction.
     """
     if not isinstance(cfg, DriftConfig):
         raise TypeError(f"cfg must be a DriftConfig, got {type(cfg).__name__}")
@@ -158,13 +160,20 @@ def detect(reference: dict[str, np.ndarray], current: dict[str, np.ndarray], cfg
     if not any(s in reference for s in cfg.stats):
         raise ValueError(f"reference has none of the configured stats {list(cfg.stats)} (it has "
                          f"{sorted(reference)}); log those columns for the reference or change DriftConfig.stats")
+    ref_cols = {name: _finite(reference[name], "reference", name) for name in cfg.stats if name in reference}
+    if all(col.size < cfg.min_window for col in ref_cols.values()):
+        counts = ", ".join(f"{name}: {col.size}" for name, col in ref_cols.items())
+        raise ValueError(f"the reference has fewer than min_window={cfg.min_window} finite values for every "
+                         f"configured stat ({counts}), so no window could ever be tested; recapture the reference "
+                         f"with at least {cfg.min_window} requests that carry these stats")
     current = current or {}
 
     tested: list[TestResult] = []
     skipped: list[TestResult] = []
     for name in cfg.stats:
-        ref = _finite(reference[name], "reference", name) if name in reference else np.empty(0)
+        ref = ref_cols.get(name, np.empty(0))
         cur = _finite(current[name], "current", name) if name in current else np.empty(0)
+        dropped = (np.size(current[name]) - cur.size) if name in current else 0
         short = []
         if name not in reference:
             short.append("missing from the reference")
@@ -178,18 +187,21 @@ def detect(reference: dict[str, np.ndarray], current: dict[str, np.ndarray], cfg
             continue
         ks = _ks_2samp(ref, cur)
         tested.append(TestResult(name, float(ks.statistic), float(ks.pvalue), math.nan, False,
-                                 int(ref.size), int(cur.size)))
+                                 int(ref.size), int(cur.size),
+                                 note=f"{dropped} non-finite current values left out" if dropped else ""))
 
     if not tested:
+        most = max(t.n_current for t in skipped)
         return DriftResult(False, "insufficient_data",
-                           f"no stat had {cfg.min_window} finite values on both sides; collect a larger window",
-                           skipped)
+                           f"insufficient data, no alert: the current window has at most {most} finite values per "
+                           f"stat, fewer than min_window={cfg.min_window}; collect a larger window", skipped)
 
     thresholds, fired = holm_thresholds([t.p_value for t in tested], cfg.alpha)
     for t, thr, f in zip(tested, thresholds, fired):
         t.threshold, t.fired = thr, f
         if not f and t.p_value <= thr:
-            t.note = "p-value below its threshold but kept: Holm stops at the first non-rejection"
+            kept = "p-value below its threshold but kept: Holm stops at the first non-rejection"
+            t.note = f"{t.note}; {kept}" if t.note else kept
     fired_names = [t.name for t in tested if t.fired]
     if fired_names:
         detail = ", ".join(f"{t.name} (D={t.statistic:.3f}, p={t.p_value:.2g} <= {t.threshold:.2g})"

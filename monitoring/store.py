@@ -178,6 +178,29 @@ class PredictionLog:
                                      (score, time.time(), str(request_id)))
             return cur.rowcount > 0
 
+    def set_embeddings(self, ids, embeddings: np.ndarray) -> int:
+        """Store prompt embeddings [N, D] for logged rows (by row "id"); returns how many rows were updated.
+
+        For rows logged without one: the monitor that embeds them writes them back, so a prompt is embedded once,
+        however many (overlapping) windows later read it.
+        """
+        ids = [int(i) for i in ids]
+        emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if emb.ndim != 2 or emb.shape[0] != len(ids):
+            raise ValueError(f"set_embeddings needs one embedding row per id: {len(ids)} ids, embeddings of shape "
+                             f"{emb.shape}")
+        if not np.isfinite(emb).all():
+            raise ValueError("set_embeddings got NaN or inf embeddings; re-embed those prompts")
+        if not ids:
+            return 0
+        if not self._closed:
+            self.flush()
+        with self._read_lock, self._read:
+            self._read.execute("BEGIN")  # one transaction: a window of 10k rows is one commit, not 10k
+            cur = self._read.executemany("UPDATE predictions SET embedding = ? WHERE id = ?",
+                                         [(row.tobytes(), i) for i, row in zip(ids, emb)])
+            return cur.rowcount
+
     def query(self, family: str | None = None, version: str | None = None, after_id: int = 0,
               limit: int | None = None) -> list[dict]:
         """Rows ordered by id (ascending), each a dict with the record keys plus "id" and "feedback".

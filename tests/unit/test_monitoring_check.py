@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 import pytest
 
-from monitoring.check import check_windows, load_jsonl, rows_to_columns, run_check
+from monitoring.check import check_windows, load_jsonl, log_window, rows_to_columns, run_check
 from monitoring.drift import EMBEDDING_STAT, DriftConfig
 from monitoring.embeddings import EmbeddingIndex
 
@@ -152,3 +152,119 @@ def test_run_check_leaves_previous_output_on_error(tmp_path):
     assert json.loads(out_path.read_text()) == {"previous": True}
     with pytest.raises(ValueError, match="at least one --current"):
         run_check(ref, [], out_path)
+    with pytest.raises(FileNotFoundError, match="reference window .*nope.jsonl does not exist"):
+        run_check(tmp_path / "nope.jsonl", [ref], out_path)
+    assert json.loads(out_path.read_text()) == {"previous": True}
+
+
+def _stat_rows(rng, n, version=None, shift=0.0):
+    rows = [{"prompt": f"q{i}", "prompt_nll": float(rng.normal(shift, 1)), "gen_entropy": float(rng.normal()),
+             "gen_max_prob": float(rng.uniform()), EMBEDDING_STAT: float(rng.uniform(0.6, 0.9))} for i in range(n)]
+    if version is not None:
+        for r in rows:
+            r["version"] = version
+    return rows
+
+
+def test_a_window_of_another_version_is_refused_not_compared():
+    rng = np.random.default_rng(3)
+    ref = _stat_rows(rng, 100, version="2")
+    # same distribution, but v3's traffic against v2's reference: an error, never a verdict
+    with pytest.raises(ValueError, match=r"current window 0 has 100 rows of version\(s\) \['3'\].*version 2"):
+        check_windows(ref, [_stat_rows(rng, 100, version="3")], DriftConfig())
+    mixed = _stat_rows(rng, 60, version="2") + _stat_rows(rng, 40, version="3")
+    with pytest.raises(ValueError, match="40 rows of version"):
+        check_windows(ref, [mixed], DriftConfig())
+    with pytest.raises(ValueError, match="reference mixes rows of versions"):
+        check_windows(ref[:50] + _stat_rows(rng, 50, version="3"), [_stat_rows(rng, 100)], DriftConfig())
+    # an explicit reference version applies to references whose rows carry none
+    with pytest.raises(ValueError, match="reference is of version 2"):
+        check_windows(_stat_rows(rng, 100), [_stat_rows(rng, 100, version="3")], DriftConfig(),
+                      reference_version="2")
+    (ok,) = check_windows(ref, [_stat_rows(rng, 100, version="2")], DriftConfig())
+    assert ok.status == "ok"
+    (ok,) = check_windows(ref, [_stat_rows(rng, 100)], DriftConfig())  # rows without a version are not checked
+    assert ok.status == "ok"
+
+
+def test_run_check_refuses_a_reference_of_another_version(tmp_path):
+    rng = np.random.default_rng(4)
+    ref = _write(tmp_path / "ref.jsonl", _stat_rows(rng, 100, version="1"))
+    cur = _write(tmp_path / "cur.jsonl", _stat_rows(rng, 100, version="2"))
+    with pytest.raises(ValueError, match="reference is of version 1"):
+        run_check(ref, [cur], tmp_path / "out.json")
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_empty_and_small_windows_say_insufficient_data_without_alert(tmp_path):
+    rng = np.random.default_rng(5)
+    ref = _write(tmp_path / "ref.jsonl", _stat_rows(rng, 100))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    small = _write(tmp_path / "small.jsonl", _stat_rows(rng, 49, shift=10.0))
+    out = run_check(ref, [empty, small], tmp_path / "out.json", use_embeddings=False)
+    assert out["drift"] is False
+    for r, n in zip(out["results"], (0, 49)):
+        assert r["status"] == "insufficient_data" and not r["drift"]
+        assert f"at most {n} finite values" in r["reason"] and "no alert" in r["reason"]
+
+
+def test_nan_statistics_are_counted_never_an_alarm(tmp_path):
+    rng = np.random.default_rng(6)
+    ref = _stat_rows(rng, 200)
+    cur = _stat_rows(rng, 200)
+    for r in cur[:60]:
+        r["gen_entropy"] = None  # requests without generated tokens
+    for r in cur[60:80]:
+        r["prompt_nll"] = float("nan")
+    (res,) = check_windows(ref, [cur], DriftConfig())
+    t = {x.name: x for x in res.tests}
+    assert res.status == "ok"
+    assert t["gen_entropy"].n_current == 140 and "60 non-finite current values left out" in t["gen_entropy"].note
+    assert t["prompt_nll"].n_current == 180 and "20 non-finite" in t["prompt_nll"].note
+
+
+def test_a_reference_too_small_to_test_anything_is_an_error():
+    rng = np.random.default_rng(7)
+    with pytest.raises(ValueError, match="fewer than min_window=50 finite values for every configured stat"):
+        check_windows(_stat_rows(rng, 30), [_stat_rows(rng, 100)], DriftConfig())
+
+
+def test_log_window_reuses_stored_embeddings_and_backfills_missing_ones(tmp_path):
+    from monitoring.store import PredictionLog
+
+    enc = BagOfWordsEncoder()
+    index = EmbeddingIndex(enc.encode(_prompts(ORDER_WORDS, 200, 8)))
+    stored = _prompts(ORDER_WORDS, 30, 9)
+    fresh = _prompts(OTHER_WORDS, 20, 10)
+    with PredictionLog(tmp_path / "log.sqlite") as log:
+        for p in stored:
+            log.log({"family": "support", "version": "2", "prompt": p, "prompt_nll": 1.0,
+                     "embedding": enc.encode([p])[0] / np.linalg.norm(enc.encode([p])[0])})
+        for p in fresh:
+            log.log({"family": "support", "version": "2", "prompt": p, "prompt_nll": 2.0})
+        log.log({"family": "support", "version": "3", "prompt": "other version", "prompt_nll": 3.0})
+        enc.calls.clear()
+
+        rows, last = log_window(log, "support", "2", index, encoder=enc)
+        assert enc.calls == [fresh]  # only the rows logged without an embedding were embedded
+        assert len(rows) == 50 and last == rows[-1]["id"] and {r["version"] for r in rows} == {"2"}
+        assert all("embedding" not in r for r in rows)
+        cos = np.array([r[EMBEDDING_STAT] for r in rows])
+        expected = index.max_cosine(np.stack([enc.encode([p])[0] for p in stored + fresh]))
+        np.testing.assert_allclose(cos, expected, rtol=1e-5)
+        assert cos[:30].mean() > cos[30:].mean()  # the off-topic prompts are further from the index
+
+        enc.calls.clear()
+        again, _ = log_window(log, "support", "2", index, encoder=enc)
+        assert enc.calls == []  # written back: nothing is embedded twice
+        np.testing.assert_allclose([r[EMBEDDING_STAT] for r in again], cos, rtol=1e-6)
+
+        newer, _ = log_window(log, "support", "2", index, after_id=last)
+        assert newer == []
+        no_encoder, _ = log_window(log, "support", "3", index)
+        assert np.isnan(no_encoder[0][EMBEDDING_STAT])  # left out of the test, never a made-up value
+        with pytest.raises(ValueError, match="needs the adapter version"):
+            log_window(log, "support", "", index)
+        with pytest.raises(ValueError, match="dimension"):
+            log_window(log, "support", "2", EmbeddingIndex(np.eye(8, dtype=np.float32)))

@@ -194,3 +194,31 @@ def test_config_accepts_list_of_stats():
     cfg = DriftConfig(stats=["prompt_nll", "gen_entropy"])
     assert cfg.stats == ("prompt_nll", "gen_entropy")
     assert cfg.as_dict()["stats"] == ["prompt_nll", "gen_entropy"]
+
+
+def test_reference_too_small_for_every_stat_is_an_error_not_silence():
+    rng = np.random.default_rng(8)
+    ref = _cols(rng, 49)
+    with pytest.raises(ValueError, match="fewer than min_window=50 finite values for every configured stat"):
+        detect(ref, _cols(rng, 200), DriftConfig())
+    ref = _cols(rng, 200)
+    ref["prompt_nll"][:] = np.nan
+    ref["gen_entropy"][:] = np.nan
+    ref["gen_max_prob"][:] = np.nan
+    ref[EMBEDDING_STAT][:170] = np.nan  # 30 finite values left
+    with pytest.raises(ValueError, match="recapture the reference"):
+        detect(ref, _cols(rng, 200), DriftConfig())
+    # one testable stat is enough: the others are reported as not tested
+    ref[EMBEDDING_STAT] = rng.normal(0, 1, 200)
+    res = detect(ref, _cols(rng, 200), DriftConfig())
+    assert res.status == "ok" and sum(np.isnan(t.p_value) for t in res.tests) == 3
+
+
+def test_dropped_non_finite_values_are_counted_in_the_note():
+    rng = np.random.default_rng(9)
+    cur = _cols(rng, 200)
+    cur["gen_entropy"][:25] = np.nan
+    cur["gen_max_prob"][:5] = -np.inf
+    t = {x.name: x for x in detect(_cols(rng, 200), cur, DriftConfig()).tests}
+    assert t["gen_entropy"].note.startswith("25 non-finite current values left out")
+    assert t["gen_max_prob"].note.startswith("5 non-finite") and t["prompt_nll"].note == ""

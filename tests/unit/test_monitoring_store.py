@@ -155,3 +155,22 @@ def test_wal_persistence_and_close(tmp_path):
         log2.log(_rec(1))
     with pytest.raises(ValueError, match="max_queue"):
         PredictionLog(tmp_path / "x.sqlite", max_queue=0)
+
+
+def test_set_embeddings_fills_rows_by_id(plog):
+    for i in range(3):
+        plog.log(_rec(i))
+    plog.flush()
+    ids = [r["id"] for r in plog.query()]
+    emb = np.arange(6, dtype=np.float64).reshape(2, 3)
+    assert plog.set_embeddings([ids[0], ids[2]], emb) == 2
+    rows = plog.query()
+    np.testing.assert_array_equal(rows[0]["embedding"], np.array([0, 1, 2], np.float32))
+    assert rows[1]["embedding"] is None
+    np.testing.assert_array_equal(rows[2]["embedding"], np.array([3, 4, 5], np.float32))
+    assert plog.set_embeddings([10_000], np.zeros((1, 3))) == 0  # no such row
+    assert plog.set_embeddings([], np.zeros((0, 3))) == 0
+    with pytest.raises(ValueError, match="one embedding row per id"):
+        plog.set_embeddings(ids, np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        plog.set_embeddings(ids[:1], np.full((1, 3), np.nan))

@@ -1,0 +1,131 @@
+"""Monitoring jobs that schedules run: plain functions over a workspace (pipelines/flows.py wraps them in Prefect).
+
+reference_ppl_check: the champion's perplexity on the fixed reference text (pipelines.data.REFERENCE_TEXT, measured
+as the merge stage's forgetting gate measures it), appended to a rolling history and compared with the value
+recorded for that version when it was built and promoted (monitoring.reference_ppl.decide). Alerts go to the log and
+<workdir>/alerts.jsonl unless other sinks are given.
+
+Run:  python -c "from pipelines.monitor_jobs import reference_ppl_check; from pipelines.workspace import Workspace; \
+print(reference_ppl_check(Workspace.create('work/demo', 'models/tiny-llama'), 'support-assistant'))"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from monitoring.reference_ppl import PplCheckConfig, PplMeasurement, append_history, decide, load_history
+from pipelines.data import REFERENCE_TEXT
+from pipelines.workspace import Workspace
+
+BASE_PPL_TOLERANCE = 1e-3
+"""Largest relative difference between the base's reference perplexity now and the one the gates recorded for a
+version: above it the text, its windowing or the base differ, and the two numbers are not comparable."""
+
+
+def reference_perplexity(base_path: Path, adapter_dir: Path | None, text: Path = REFERENCE_TEXT,
+                         windows: int | None = None) -> float:
+    """Perplexity of the base (adapter_dir None) or base + PEFT adapter on `text`, exactly as the forgetting gate
+    measures it (pipelines.merge_quantize.reference_perplexity, `windows` 128-token windows of the text's tail)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from pipelines.init_cache import load_base
+    from pipelines.merge_quantize import MergeConfig
+    from pipelines.merge_quantize import reference_perplexity as measure
+
+    windows = MergeConfig().reference_windows if windows is None else windows
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    model = load_base(Path(base_path))
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    return measure(model.eval(), tokenizer, Path(text), windows)
+
+
+def text_key(text: Path, windows: int) -> str:
+    """What makes two reference perplexities comparable: the text's bytes and how many windows are measured."""
+    from registry.hashing import sha256_file
+
+    return hashlib.sha256(f"{sha256_file(Path(text))}:{windows}:128".encode()).hexdigest()
+
+
+def _state_dir(ws: Workspace, family: str) -> Path:
+    return ws.root / "monitoring" / family
+
+
+def promotion_baseline(ws: Workspace, family: str, version: str, text: Path = REFERENCE_TEXT,
+                       windows: int | None = None) -> PplMeasurement:
+    """The reference perplexity recorded for `version`: taken once from its registered gate report (measured on
+    the same weights before it was promoted) and kept in <workdir>/monitoring/<family>/reference_ppl_baseline.json.
+
+    The gate report also holds the base's perplexity; it is measured again here and must agree, which proves the text,
+    its windowing and the base are the ones the recorded value was measured with.
+    """
+    from pipelines.merge_quantize import MergeConfig
+
+    windows = MergeConfig().reference_windows if windows is None else windows
+    key = text_key(text, windows)
+    path = _state_dir(ws, family) / "reference_ppl_baseline.json"
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    if str(version) in recorded:
+        d = recorded[str(version)]
+        return PplMeasurement(d["family"], d["version"], d["perplexity"], d["text_sha256"], d["ts"])
+    reg = ws.registry()
+    got = reg.download(family, str(version), "gates", ws.root / "downloads")
+    report = json.loads((got / "gates.json" if got.is_dir() else got).read_text())
+    measured = report.get("measured", {})
+    if not all(isinstance(measured.get(k), (int, float)) for k in ("merged_reference_ppl", "base_reference_ppl")):
+        raise ValueError(f"the gate report of {family} v{version} records no reference perplexity (measured has "
+                         f"{sorted(measured)}); re-run its merge gates to have a value to monitor against")
+    base_now = reference_perplexity(ws.base_path, None, text, windows)
+    if abs(base_now / measured["base_reference_ppl"] - 1) > BASE_PPL_TOLERANCE:
+        raise ValueError(f"the base's reference perplexity is {base_now:.6g} now but "
+                         f"{measured['base_reference_ppl']:.6g} in the gate report of {family} v{version}: the "
+                         f"reference text ({text}), its windows ({windows}) or the base ({ws.base_path}) differ from "
+                         "when the gates ran, so the recorded value cannot be compared; measure with the gate "
+                         "settings or re-run the gates")
+    info = reg.get(family, str(version))
+    baseline = PplMeasurement(family, str(version), measured["merged_reference_ppl"], key, info.created)
+    recorded[str(version)] = baseline.as_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return baseline
+
+
+def reference_ppl_check(workspace: Workspace | dict, family: str, cfg: PplCheckConfig | None = None,
+                        sinks: list | None = None, text: Path = REFERENCE_TEXT, windows: int | None = None) -> dict:
+    """Measure the champion's reference perplexity, add it to the rolling history, decide, alert on a rise.
+
+    Returns the verdict (monitoring.reference_ppl.PplVerdict.as_dict()) plus "perplexity" (this measurement),
+    "history" (the JSONL file) and "alert_errors" (sinks that failed). A family without a champion gives
+    status "insufficient_data" (nothing to check, no alert). `sinks` default: LogSink and <workdir>/alerts.jsonl.
+    """
+    from monitoring.alerts import Alert, JsonFileSink, LogSink, dispatch
+
+    from pipelines.merge_quantize import MergeConfig
+
+    ws = Workspace.coerce(workspace)
+    cfg = cfg or PplCheckConfig()
+    windows = MergeConfig().reference_windows if windows is None else windows
+    history_path = _state_dir(ws, family) / "reference_ppl.jsonl"
+    champion = ws.registry().alias(family, "champion")
+    if champion is None:
+        return {"status": "insufficient_data", "alert": False, "reason": f"{family} has no champion; nothing to "
+                "check, no alert", "family": family, "version": None, "baseline": None, "rolling": None, "rise": None,
+                "threshold": cfg.max_rise, "results": [], "perplexity": None, "history": str(history_path),
+                "alert_errors": []}
+    baseline = promotion_baseline(ws, family, champion, text, windows)
+    adapter = ws.fetch_version(family, champion) / "adapter"
+    now = PplMeasurement(family, champion, reference_perplexity(ws.base_path, adapter, text, windows),
+                         text_key(text, windows))
+    append_history(history_path, now)
+    verdict = decide(baseline, load_history(history_path, family), cfg)
+    errors: list[str] = []
+    if verdict.alert:
+        sinks = [LogSink(), JsonFileSink(ws.root / "alerts.jsonl")] if sinks is None else sinks
+        errors = dispatch(Alert(family, "reference_ppl", "warning", verdict.reason, verdict.as_dict()), sinks)
+    return {**verdict.as_dict(), "perplexity": now.as_dict()["perplexity"], "history": str(history_path),
+            "alert_errors": errors}
