@@ -6,7 +6,9 @@ help (registry calls), and events. Flow parameters are plain values (paths, dict
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -89,31 +91,52 @@ def build_retrain_dataset(ws: Workspace, new_data: Path, old_data: Path, ratio: 
     return write_jsonl(mixed, out)
 
 
-def emit_drift_event(family: str, result: dict) -> None:
+def emit_drift_event(family: str, result: dict, version: str | None = None) -> None:
+    """The `adapterops.drift.alert` Prefect event on resource `adapterops.family.<family>`: the retrain
+    deployments' trigger (infra/prefect_deployments.py)."""
     emit_event(event="adapterops.drift.alert", resource={"prefect.resource.id": f"adapterops.family.{family}"},
-               payload={"family": family, "status": result.get("status"), "reason": result.get("reason")})
+               payload={"family": family, "version": version, "status": result.get("status"),
+                        "reason": result.get("reason")})
 
 
 @flow(name="retrain-on-drift", validate_parameters=False)
 def retrain(ws: Workspace, family: str, name: str | None, init_cfg: dict, train_cfg: dict, merge_cfg: dict,
             new_train: Path, new_val: Path, old_train: Path, old_val: Path, replay_ratio: float = 0.2,
             replay_strategy: str = "category_balanced", reference_prompts: int = 200, max_tokens: int = 16,
-            seed: int = 0) -> dict:
+            seed: int = 0, skip_if_challenger_pending: bool = True) -> dict:
     """Incremental retraining: new data + a replay buffer of old data, warm-started from the champion.
 
     The same gates run, plus a forgetting gate on the old categories; the result is registered and becomes the
     challenger (the canary decides whether it becomes champion). `ws` may be the plain dict a deployment run passes;
-    `name` None (scheduled runs) names the run after the time it starts.
+    `name` None (scheduled runs) names the run after the family and the time it starts.
+
+    While a challenger retrained from the current champion awaits its canary, another retrain is skipped (returns
+    {"skipped": True, "reason": ...}): the drift that keeps alerting against the old champion is what that challenger
+    was trained for, and retraining again would replace it before it was ever judged. skip_if_challenger_pending=False
+    retrains anyway.
     """
     import time
 
     ws = Workspace.coerce(ws)
     new_train, new_val, old_train, old_val = map(Path, (new_train, new_val, old_train, old_val))
-    name = name or time.strftime("retrain-%Y%m%dT%H%M%S", time.gmtime())
+    missing = [f"{k}={p}" for k, p in (("new_train", new_train), ("new_val", new_val), ("old_train", old_train),
+                                       ("old_val", old_val)) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"retrain of {family}: missing data {', '.join(missing)}; new_* is the newest labelled "
+                                "window, old_* the champion's training data (see infra/README.md, \"Data\")")
+    name = name or time.strftime(f"retrain-{family}-%Y%m%dT%H%M%S", time.gmtime())
     reg = ws.registry()
     champion = reg.alias(family, "champion")
     if champion is None:
         raise RuntimeError(f"{family} has no champion to warm-start from; build and promote a first version")
+    challenger = reg.alias(family, "challenger")
+    if (skip_if_challenger_pending and challenger is not None
+            and reg.get(family, challenger).tags.get("parent_version") == champion):
+        reason = (f"skipped: challenger v{challenger}, retrained from champion v{champion}, awaits its canary "
+                  f"(`adapterops rollout start`); its outcome decides what the next retrain starts from")
+        _log()(f"retrain {family}: {reason}")
+        return {"family": family, "skipped": True, "reason": reason, "challenger": challenger,
+                "parent_version": champion}
     parent_dir = ws.fetch_version(family, champion)
     data = build_retrain_dataset(ws, new_train, old_train, replay_ratio, replay_strategy, seed,
                                  ws.root / "data" / f"retrain-{name}.jsonl")
@@ -121,6 +144,155 @@ def retrain(ws: Workspace, family: str, name: str | None, init_cfg: dict, train_
                             max_tokens, parent_dir=parent_dir, parent_version=champion, old_val_data=old_val)
     reg.set_challenger(family, summary["version"], actor="retrain-flow", reason=f"retrained after drift ({name})")
     return {**summary, "parent_version": champion, "replay_ratio": replay_ratio}
+
+
+PREDICTION_LOG = "predictions.db"  # under the work dir: what pipelines.serve.build_state's server writes
+
+
+def _monitor_state_path(ws: Workspace, family: str) -> Path:
+    return ws.root / "monitoring" / family / "drift_state.json"
+
+
+def read_monitor_state(ws: Workspace, family: str, version: str) -> dict:
+    """Where the scheduled monitor of `family` stopped: the last prediction-log id it tested and its drift streak.
+
+    A new champion starts a fresh state: its windows are compared with its own reference, so the old streak means
+    nothing for it.
+    """
+    path = _monitor_state_path(ws, family)
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    if state.get("version") != version:
+        return {"version": version, "last_id": 0, "streak": 0}
+    return state
+
+
+def write_monitor_state(ws: Workspace, family: str, state: dict) -> None:
+    path = _monitor_state_path(ws, family)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def read_window(log_path: Path, family: str, version: str, after_id: int) -> list[dict]:
+    """Requests served by `family`@`version` logged after `after_id`, oldest first (none if nothing was logged)."""
+    from monitoring.store import PredictionLog
+
+    if not Path(log_path).is_file():
+        return []
+    log = PredictionLog(log_path)
+    try:
+        return log.query(family=family, version=version, after_id=after_id)
+    finally:
+        log.close()
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def fetch_reference(ws: Workspace, family: str, version: str) -> Path:
+    """The version's monitoring reference (reference.jsonl + train_index.npy), downloaded and hash-verified."""
+    return ws.registry().download(family, version, "monitoring", ws.root / "downloads")
+
+
+@task(cache_policy=NO_CACHE)
+def drift_check(reference_dir: Path, rows: list[dict], drift_cfg: dict, report: Path) -> dict:
+    from monitoring.drift import DriftConfig
+    from monitoring.embeddings import load_encoder
+    from pipelines.demo import check_window
+
+    cfg = from_dict(DriftConfig, drift_cfg, "drift")
+    return check_window(reference_dir, rows, cfg, load_encoder(), report)
+
+
+def alert_sinks(ws: Workspace, webhook_url: str = "") -> list:
+    """Where scheduled monitors send alerts: the log, <workdir>/alerts.jsonl and, if configured, a webhook."""
+    from monitoring.alerts import JsonFileSink, LogSink, WebhookSink
+
+    return [LogSink(), JsonFileSink(ws.root / "alerts.jsonl")] + ([WebhookSink(webhook_url)] if webhook_url else [])
+
+
+@task(cache_policy=NO_CACHE)
+def send_drift_alert(ws: Workspace, family: str, version: str, result: dict, details: dict,
+                     webhook_url: str = "") -> list[str]:
+    """Alert to alert_sinks(), then the Prefect event that triggers the family's retrain deployment. Returns the
+    sinks that failed (a dead webhook does not stop the event)."""
+    from monitoring.alerts import Alert, dispatch
+
+    alert = Alert(family=family, monitor="drift", severity="warning", message=result["reason"],
+                  details={"version": version, "tests": result["tests"], **details})
+    errors = dispatch(alert, alert_sinks(ws, webhook_url))
+    emit_drift_event(family, result, version)
+    return errors
+
+
+@flow(name="monitor-check", validate_parameters=False)
+def monitor_check(ws: Workspace, family: str, drift: dict | None = None, max_window: int = 500,
+                  webhook_url: str = "") -> dict:
+    """One scheduled drift check of `family`'s champion: the requests logged since the previous check against the
+    champion's monitoring reference (KS + embedding similarity, Holm; pipelines.demo.check_window).
+
+    A window below `drift.min_window` requests is "insufficient_data": no alert, and it stays open (the next check
+    sees these requests plus newer ones). A larger one is tested on its newest `max_window` requests and closed. An
+    alert (drift in `drift.consecutive` windows in a row) goes to the log, <workdir>/alerts.jsonl, the webhook and
+    the `adapterops.drift.alert` event, which starts the family's retrain deployment.
+    """
+    from monitoring.drift import ConsecutiveRule, DriftConfig, DriftResult
+
+    ws = Workspace.coerce(ws)
+    log = _log()
+    cfg = from_dict(DriftConfig, drift or {}, "drift")
+    if max_window < cfg.min_window:
+        raise ValueError(f"max_window={max_window} is below drift.min_window={cfg.min_window}: no window could "
+                         "ever be tested; raise max_window")
+    reg = ws.registry()
+    version = reg.alias(family, "champion")
+    out = {"family": family, "version": version, "drift": False, "alert": False, "tests": []}
+    if version is None:
+        reason = f"{family} has no champion in {ws.tracking_uri}: nothing is served to monitor yet"
+        log(f"monitor [{family}]: insufficient_data - {reason}")
+        return {**out, "status": "insufficient_data", "reason": reason}
+    state = read_monitor_state(ws, family, version)
+    rows = read_window(ws.root / PREDICTION_LOG, family, version, state["last_id"])
+    if len(rows) < cfg.min_window:
+        reason = (f"{len(rows)} requests to {family}@{version} logged since the last tested window (after id "
+                  f"{state['last_id']}); min_window={cfg.min_window}: no test, no alert, the window stays open")
+        log(f"monitor [{family}]: insufficient_data - {reason}")
+        return {**out, "status": "insufficient_data", "reason": reason, "window": {"n": len(rows)}}
+
+    window = rows[-max_window:]
+    span = {"n": len(window), "first_id": window[0]["id"], "last_id": window[-1]["id"],
+            "skipped": len(rows) - len(window)}
+    report = ws.root / "reports" / family / f"monitor-v{version}-{span['last_id']}.html"
+    result = drift_check(fetch_reference(ws, family, version), window, cfg.as_dict(), report)
+    reg.client.log_artifact(reg.get(family, version).run_id, str(report), "monitoring_reports")
+    rule = ConsecutiveRule(cfg.consecutive)
+    rule.streak = state["streak"]
+    fire = rule.update(DriftResult(result["drift"], result["status"], result["reason"]))
+    log(f"monitor [{family}@{version}]: {result['status']} over ids {span['first_id']}..{span['last_id']} "
+        f"(streak {rule.streak}/{cfg.consecutive}) - {result['reason']}")
+    errors = send_drift_alert(ws, family, version, result, {"window": span, "report": str(report)},
+                              webhook_url) if fire else []
+    write_monitor_state(ws, family, {"version": version, "last_id": span["last_id"], "streak": rule.streak})
+    return {**out, **result, "alert": fire, "alert_errors": errors, "window": span, "streak": rule.streak,
+            "report": str(report)}
+
+
+@flow(name="reference-ppl-check", validate_parameters=False)
+def reference_ppl(ws: Workspace, family: str, reference_windows: int | None = None, webhook_url: str = "") -> dict:
+    """Scheduled reference-perplexity check of `family`'s champion: pipelines.monitor_jobs.reference_ppl_check
+    (fixed reference text, rolling window, alert on a configured rise). `reference_windows` must be the merge
+    config's that gated the versions (None: MergeConfig's default). An alert goes to alert_sinks() and, as the
+    `adapterops.reference_ppl.alert` event, to Prefect (no retrain trigger: retraining on new data does not undo
+    forgetting of the base's general text)."""
+    from pipelines.monitor_jobs import reference_ppl_check
+
+    ws = Workspace.coerce(ws)
+    result = reference_ppl_check(ws, family, sinks=alert_sinks(ws, webhook_url), windows=reference_windows)
+    _log()(f"reference perplexity [{family}]: {result.get('status')} - {result.get('reason')}")
+    if result.get("alert"):
+        emit_event(event="adapterops.reference_ppl.alert",
+                   resource={"prefect.resource.id": f"adapterops.family.{family}"},
+                   payload={"family": family, "version": result.get("version"), "reason": result.get("reason")})
+    return result
 
 
 class _Clock:

@@ -1,5 +1,6 @@
 """The Prefect flows end to end on the tiny base: build_version registers v1 in MLflow (SQLite) with lineage and
-artifacts; after promotion, retrain warm-starts from the champion (init cache hit) and registers v2 as challenger."""
+artifacts; after promotion, retrain warm-starts from the champion (init cache hit) and registers v2 as challenger;
+a retrain while v2 awaits its canary is skipped; missing data is named before anything runs."""
 
 from __future__ import annotations
 
@@ -87,3 +88,20 @@ def test_retrain_warm_starts_from_the_champion(v1, workspace, tiny_data):
           f"{rise:.4f}: negative = v2 is better than v1 on the old categories)")
     train_manifest = json.loads((Path(v2["train_dir"]) / "manifest.json").read_text())
     assert train_manifest["inputs"]["parent"] is not None
+
+    # another alert while v2 awaits its canary: no retrain (it would replace v2 before it was judged)
+    again = retrain(workspace, FAMILY, "v2-again", INIT, TRAIN, MERGE, tiny_data.new_train, tiny_data.new_val,
+                    tiny_data.train, tiny_data.val, replay_ratio=0.2, reference_prompts=20, max_tokens=8)
+    assert again["skipped"] is True and again["challenger"] == "2" and "awaits its canary" in again["reason"]
+    assert sorted(v.version for v in reg.list_versions(FAMILY)) == ["1", "2"]
+    assert reg.alias(FAMILY, "challenger") == "2" and not (workspace.root / "runs" / "v2-again").exists()
+
+
+def test_retrain_names_missing_data_before_it_touches_anything(prefect_harness, workspace, tiny_data, tmp_path):
+    from pipelines.flows import retrain
+
+    missing = tmp_path / "new" / "train.jsonl"
+    with pytest.raises(FileNotFoundError, match=f"retrain of {FAMILY}: missing data new_train={missing}"):
+        retrain(workspace, FAMILY, None, INIT, TRAIN, MERGE, missing, tiny_data.new_val, tiny_data.train,
+                tiny_data.val)
+    assert not list(workspace.root.glob(f"data/retrain-{FAMILY}-*.jsonl"))  # no replay mix written, no run started

@@ -2,6 +2,7 @@
 production profile agree on service names, ports and URLs. Docker and kubectl do not run here: structure only."""
 
 import dataclasses
+import os
 import re
 import subprocess
 import sys
@@ -195,3 +196,40 @@ def test_importing_prefect_deployments_imports_no_prefect():
     code = "import sys, infra.prefect_deployments; print('prefect' in sys.modules, 'pipelines.flows' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_deployment_parameters_are_per_family_and_come_from_the_config(tmp_path):
+    import infra.prefect_deployments as pd
+
+    config = tmp_path / "c.yaml"
+    config.write_text("family: fam-x\ndrift: {min_window: 30, consecutive: 2}\nreference_prompts: 40\n"
+                      "traffic: {max_tokens: 8}\n")
+    env = {"ADAPTEROPS_RETRAIN_CONFIG": str(config), "ADAPTEROPS_WORKDIR": "/w", "ADAPTEROPS_PROFILE": "local",
+           "ADAPTEROPS_DATA_DIR": "/d"}
+    assert pd.families(env, "fam-x") == ["fam-x"]  # no ADAPTEROPS_FAMILY: the config's family
+    assert pd.families({"ADAPTEROPS_FAMILY": " a, b ,a"}, "x") == ["a", "b"]
+    p = pd.retrain_parameters(env, "b")
+    assert p["family"] == "b" and p["new_train"] == "/d/b/new/train.jsonl"
+    assert p["old_train"] == "/d/b/champion/train.jsonl"
+    assert (p["reference_prompts"], p["max_tokens"]) == (40, 8)
+    assert p["ws"]["root"] == "/w" and p["ws"]["tracking_uri"] == ""  # local profile: SQLite under the work dir
+    assert pd.retrain_parameters(env)["family"] == "fam-x"
+    m = pd.monitor_parameters(env, "b")
+    assert m["family"] == "b" and m["drift"]["min_window"] == 30 and m["drift"]["consecutive"] == 2
+    assert m["webhook_url"] == ""
+
+
+@pytest.mark.parametrize("value, message", [("0", "at least 1 second"), ("15m", "not a whole number of seconds")])
+def test_schedule_intervals_must_be_whole_positive_seconds(value, message):
+    import infra.prefect_deployments as pd
+
+    assert pd._seconds({}, "ADAPTEROPS_MONITOR_INTERVAL", 900) == 900
+    with pytest.raises(ValueError, match=f"ADAPTEROPS_MONITOR_INTERVAL.*{message}"):
+        pd._seconds({"ADAPTEROPS_MONITOR_INTERVAL": value}, "ADAPTEROPS_MONITOR_INTERVAL", 900)
+
+
+def test_serve_without_a_prefect_server_says_what_to_do():
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    out = subprocess.run([sys.executable, "-m", "infra.prefect_deployments", "serve"], cwd=REPO, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "PREFECT_API_URL" in out.stderr and "adapterops schedules serve" in out.stderr
