@@ -283,8 +283,6 @@ def cmd_schedules(args) -> int:
     cfg = load_config(args.config)  # validate before starting anything
     _prefect_env(args.workdir)
     ws = _workspace(args)  # checks the base model, creates the work dir
-    if str(REPO_ROOT) not in sys.path:  # infra/ is deployment configuration in the source tree, not installed
-        sys.path.insert(0, str(REPO_ROOT))
     import contextlib
 
     from infra import prefect_deployments as deployments

@@ -36,7 +36,7 @@ MERGE = {
     # the tiny base's clean nf4 top-1 agreement measures ~0.8 at this eval size (shipped bound 0.85)
     "gates": {"quant": {"nf4": {"kl_mean": 0.06, "kl_p99": 0.6, "top1": 0.7}}},
 }
-DRIFT = {"alpha": 0.01, "min_window": 20}
+DRIFT = {"alpha": 0.01, "min_window": 20, "consecutive": 1}  # one shifted window must alert here
 REFERENCE_PROMPTS, MAX_TOKENS = 40, 8
 FIRST_ROWS, SHIFTED_ROWS = 5, 40  # below min_window first (test 1), then the window the schedule must catch
 EMIT = ("import sys; from pipelines.flows import emit_drift_event; "
