@@ -209,7 +209,10 @@ def cmd_serve(args) -> int:
         from serving.fallback import FallbackConfig
 
         fallback_cfg = load(FallbackConfig, args.fallback_config)
-    serve(_workspace(args), args.host, args.port, os.environ.get("ADAPTEROPS_API_KEY"), fallback_cfg=fallback_cfg)
+    if args.auto_canary is not None and args.auto_canary <= 0:
+        raise CliError(f"--auto-canary is a polling interval in seconds and must be > 0, got {args.auto_canary}")
+    serve(_workspace(args), args.host, args.port, os.environ.get("ADAPTEROPS_API_KEY"), fallback_cfg=fallback_cfg,
+          auto_canary_poll_s=args.auto_canary)
     return 0
 
 
@@ -410,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", default="local", help="local (default) | production | path to a profile YAML")
     s.add_argument("--fallback-config", default=None, help="FallbackConfig YAML (see configs/fallback.yaml): route "
                    "a family with severe drift (POST /admin/drift) to its fallback; default: off")
+    s.add_argument("--auto-canary", type=float, default=None, metavar="SECONDS",
+                   help="poll the registry every SECONDS and start the canary of each new challenger (what a "
+                        "scheduled retrain registers); default: off (rollouts start by `adapterops rollout start`)")
     s.set_defaults(func=cmd_serve)
 
     ro = sub.add_parser("rollout", help="canary rollouts of a running server (admin API)")

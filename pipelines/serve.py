@@ -12,7 +12,6 @@ resumes both (load_champions loads every version they route to).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from pipelines.workspace import Workspace
 
@@ -30,8 +29,10 @@ def registry_callbacks(reg):
     return on_promote, on_rollback
 
 
-def build_state(ws: Workspace, rollout_cfg, api_key: str | None, fallback_cfg=None):
-    """fallback_cfg: serving.fallback.FallbackConfig; None or `enabled: false` leaves drift verdicts unanswered."""
+def build_state(ws: Workspace, rollout_cfg, api_key: str | None, fallback_cfg=None,
+                auto_canary_poll_s: float | None = None):
+    """fallback_cfg: serving.fallback.FallbackConfig; None or `enabled: false` leaves drift verdicts unanswered.
+    auto_canary_poll_s: start the canary of each new registry challenger (e.g. from a scheduled retrain)."""
     from monitoring.store import PredictionLog
     from serving.app import ServerState
     from serving.fallback import FallbackPolicy
@@ -47,7 +48,8 @@ def build_state(ws: Workspace, rollout_cfg, api_key: str | None, fallback_cfg=No
         policy = FallbackPolicy(fallback_cfg, ws.root / "fallback-state.json")
     return ServerState(pool=AdapterPool(ws.base_path), router=Router(), rollout=controller,
                        log=PredictionLog(ws.root / "predictions.db"), api_key=api_key, registry=reg,
-                       adapter_cache=ws.root / "serving-cache", require_parity=True, fallback=policy)
+                       adapter_cache=ws.root / "serving-cache", require_parity=True, fallback=policy,
+                       auto_canary_poll_s=auto_canary_poll_s)
 
 
 def load_champions(state, ws: Workspace) -> list[str]:
@@ -80,12 +82,13 @@ def load_champions(state, ws: Workspace) -> list[str]:
     return loaded
 
 
-def serve(ws: Workspace, host: str, port: int, api_key: str | None, rollout_cfg=None, fallback_cfg=None) -> None:
+def serve(ws: Workspace, host: str, port: int, api_key: str | None, rollout_cfg=None, fallback_cfg=None,
+          auto_canary_poll_s: float | None = None) -> None:
     import uvicorn
     from serving.app import create_app
     from serving.rollout import RolloutConfig
 
-    state = build_state(ws, rollout_cfg or RolloutConfig(), api_key, fallback_cfg)
+    state = build_state(ws, rollout_cfg or RolloutConfig(), api_key, fallback_cfg, auto_canary_poll_s)
     loaded = load_champions(state, ws)
     log.warning("serving %s on http://%s:%d (%s)", ", ".join(loaded) or "the base model only", host, port,
                 "admin endpoints enabled" if api_key else "admin endpoints disabled: set ADAPTEROPS_API_KEY")

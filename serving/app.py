@@ -75,6 +75,10 @@ class ServerState:
     """Keyword overrides for check_parity (min_cosine, max_abs, min_top1)."""
     fallback: FallbackPolicy | None = None
     """Acts on POST /admin/drift verdicts (severe drift -> the family's fallback); None: that endpoint answers 409."""
+    auto_canary_poll_s: float | None = None
+    """Every N s, start a canary for each family whose registry `challenger` alias names a version that is not
+    serving and not tried yet (a scheduled retrain registers one); None: rollouts start only by POST
+    /admin/rollout/start. Needs `registry` and `rollout`."""
 
 
 def load_from_registry(state: ServerState, family: str, version: str, ref: str | None = None) -> Path:
@@ -209,9 +213,10 @@ def create_app(state: ServerState) -> FastAPI:
     async def lifespan(_: FastAPI):
         stop = threading.Event()
         cfg = state.fallback.config if state.fallback is not None else None
+        intervals = [x for x in (cfg.registry_poll_s if cfg is not None else None, state.auto_canary_poll_s) if x]
         poller = None
-        if cfg is not None and cfg.registry_poll_s and state.registry is not None:
-            poller = threading.Thread(target=poll_registry, args=(stop, cfg.registry_poll_s), name="registry-poll",
+        if intervals and state.registry is not None:
+            poller = threading.Thread(target=poll_registry, args=(stop, min(intervals)), name="registry-poll",
                                       daemon=True)
             poller.start()
         try:
@@ -308,19 +313,32 @@ def create_app(state: ServerState) -> FastAPI:
             state.fallback.mark_failed(family, f"restore after restart: {type(exc).__name__}: {exc}")
 
     def poll_registry(stop: threading.Event, interval: float) -> None:
-        """Follow the registry's champion aliases (a promotion or rollback made elsewhere) while no rollout runs."""
+        """While no rollout of a family runs: with a fallback policy, follow the registry's champion alias (a
+        promotion or rollback made elsewhere); with auto_canary_poll_s, start the canary of a new challenger."""
         errors: dict[str, str] = {}
+        tried: dict[str, set[str]] = {}  # family -> challengers already started (or refused): never retried
         while not stop.wait(interval):
             for family, route in state.router.families().items():
                 if state.rollout is not None and state.rollout.is_active(family):
                     continue
                 try:
-                    champion = state.registry.alias(family, "champion")
+                    champion = state.registry.alias(family, "champion") if state.fallback is not None else None
                     if champion is not None and champion != route.champion:
                         ensure_version(family, champion)
                         state.router.set(family, champion)
                         log.warning("registry moved the champion of %s: %s -> %s", family, route.champion, champion)
                         follow_champion(family, champion)
+                    if state.auto_canary_poll_s and state.rollout is not None:
+                        challenger = state.registry.alias(family, "challenger")
+                        seen = tried.setdefault(family, set())
+                        if challenger not in (None, state.router.get(family).champion) and challenger not in seen:
+                            seen.add(challenger)
+                            try:
+                                start_rollout(family, challenger)
+                                log.warning("registry challenger %s@%s: canary started", family, challenger)
+                            except APIError as exc:
+                                log.error("registry challenger %s@%s: canary not started: %s", family, challenger,
+                                          exc)
                     errors.pop(family, None)
                 except Exception as exc:
                     if errors.get(family) != str(exc):  # once per distinct error, not every interval
@@ -707,50 +725,57 @@ def create_app(state: ServerState) -> FastAPI:
     def admin_rollout_start(req: RolloutStartRequest, request: Request):
         admin(request)
         ctl = controller()
-        try:
-            route = state.router.get(req.family)
-        except UnknownFamily:
-            raise APIError(404, f"family {req.family!r} has no route", param="family") from None
         overrides = {k: v for k, v in (("steps", req.steps), ("requests_per_step", req.requests_per_step),
                                        ("gradual_rollback", req.gradual_rollback)) if v is not None}
         try:
             config = RolloutConfig(**{**ctl.config.as_dict(), **overrides}) if overrides else None
         except ValueError as e:
             raise APIError(400, f"invalid rollout settings: {e}", code="invalid_value") from None
-        champion, challenger = req.champion or route.champion, req.challenger
+        return start_rollout(req.family, req.challenger, req.champion, config, req.offline_nll)
+
+    def start_rollout(family: str, challenger: str | None = None, champion: str | None = None,
+                      config: RolloutConfig | None = None, offline_nll: float | None = None) -> dict:
+        """Check the challenger's train/serve parity, then start its canary against the serving champion (or the
+        fallback taking the champion's share); APIError with the reason otherwise."""
+        ctl = controller()
+        try:
+            route = state.router.get(family)
+        except UnknownFamily:
+            raise APIError(404, f"family {family!r} has no route", param="family") from None
+        champion = champion or route.champion
         if challenger is None:
             if state.registry is None:
                 raise APIError(400, "send 'challenger' (this server has no registry to read the challenger alias "
                                     "from)", param="challenger")
             try:
-                challenger = state.registry.alias(req.family, "challenger")
+                challenger = state.registry.alias(family, "challenger")
             except Exception as e:
-                raise APIError(400, f"cannot read the challenger of {req.family} from the registry: {e}",
+                raise APIError(400, f"cannot read the challenger of {family} from the registry: {e}",
                                param="challenger", code="registry_error") from None
             if challenger is None:
-                raise APIError(409, f"the registry has no challenger for {req.family}; register one (or send "
+                raise APIError(409, f"the registry has no challenger for {family}; register one (or send "
                                     f"'challenger')", param="challenger", code="no_challenger")
         for name, v in (("champion", champion), ("challenger", challenger)):
             try:
-                ensure_version(req.family, v)
+                ensure_version(family, v)
             except Exception as e:
-                raise APIError(404, f"{name} {req.family}@{v} is not loaded; load it first ({e})", param=name,
+                raise APIError(404, f"{name} {family}@{v} is not loaded; load it first ({e})", param=name,
                                code="model_not_found") from None
-        versions = known_versions(req.family)
+        versions = known_versions(family)
         parity = {"passed": None, "reason": f"no {GOLDEN_FILE} next to the challenger adapter"}
         golden_path = versions[challenger] / GOLDEN_FILE
         if golden_path.is_file():
             g = load_golden(golden_path)
-            parity = check_parity(state.pool, f"{req.family}@{challenger}", g.prompts, g.logits, g.mask,
+            parity = check_parity(state.pool, f"{family}@{challenger}", g.prompts, g.logits, g.mask,
                                   **state.parity_thresholds)
             if not parity["passed"]:
-                raise APIError(409, f"train/serve parity check failed for {req.family}@{challenger}: "
+                raise APIError(409, f"train/serve parity check failed for {family}@{challenger}: "
                                     f"{'; '.join(parity['failures'])}", code="parity_failed", extra={"parity": parity})
         elif state.require_parity:
-            raise APIError(409, f"{req.family}@{challenger} has no {GOLDEN_FILE}; a parity check is required "
+            raise APIError(409, f"{family}@{challenger} has no {GOLDEN_FILE}; a parity check is required "
                                 f"before a rollout", code="parity_missing")
         try:
-            status = ctl.start(req.family, champion, challenger, offline_nll=req.offline_nll, config=config,
+            status = ctl.start(family, champion, challenger, offline_nll=offline_nll, config=config,
                                baseline=route.fallback)
         except RolloutError as e:
             raise APIError(409, str(e), code="rollout_conflict") from None

@@ -203,3 +203,26 @@ def test_gradual_rollback_steps_down_across_restarts_and_clears_the_challenger(w
     assert reg.alias(family, "challenger") is None and reg.alias(family, "champion") == "1"
     last = reg.history(family)[-1]
     assert last.op == "clear_challenger" and last.actor == "canary" and "rolled back" in last.reason
+
+
+def test_the_server_starts_the_canary_of_a_new_registry_challenger_once(ws, family):
+    """--auto-canary: a challenger registered elsewhere (a scheduled retrain) gets its canary without an operator;
+    a challenger whose canary ended is not started again."""
+    import time
+
+    state = build_state(ws, RolloutConfig(steps=(0.5, 1.0), requests_per_step=50, min_samples=4), KEY,
+                        auto_canary_poll_s=0.2)
+    assert f"{family}@1" in load_champions(state, ws)  # the module's registry holds the other tests' families too
+    with running(create_app(state)) as url, httpx.Client(base_url=url, timeout=TIMEOUT) as c:
+        deadline = time.time() + 90
+        while (r := c.get("/admin/rollout/status", params={"family": family}, headers=AUTH)).status_code == 404:
+            assert time.time() < deadline, "no canary was started for the registry's challenger"
+            time.sleep(0.2)
+        st = r.json()
+        assert (st["champion"], st["challenger"], st["status"]) == ("1", "2", "running")
+        assert "2" in state.families[family]  # loaded (verified) from the registry, parity checked
+        r = c.post("/admin/rollout/abort", json={"family": family, "reason": "test"}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        time.sleep(1.5)  # several polls
+        assert c.get("/admin/rollout/status", params={"family": family}, headers=AUTH).json()["status"] == "aborted"
+    state.log.close()
