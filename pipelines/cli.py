@@ -145,7 +145,8 @@ def cmd_merge(args) -> int:
         cfg.quantize = args.quantize
         cfg.__post_init__()
     try:
-        out = mq.run(cfg, Path(args.base), Path(args.adapter), Path(args.val), Path(args.out))
+        out = mq.run(cfg, Path(args.base), Path(args.adapter), Path(args.val), Path(args.out),
+                     expect_golden=Path(args.expect_golden) if args.expect_golden else None)
         report = json.loads((out / "gates.json").read_text())
         code = 0
     except mq.GateFailed as e:
@@ -377,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--val", required=True, help="validation JSONL the gates compare logits on")
     m.add_argument("--report-json", default=None, help="also write the gate report JSON here")
     m.add_argument("--config", default=None, help="MergeConfig YAML (see configs/merge.yaml)")
+    m.add_argument("--expect-golden", default=None, metavar="FILE",
+                   help="a rebuild: the version's stored golden logits (golden/parity_golden.safetensors); the "
+                        "merged model must reproduce them (golden_* gates)")
     m.set_defaults(func=cmd_merge)
 
     r = sub.add_parser("registry", help="adapter versions in MLflow (uses MLFLOW_TRACKING_URI)")

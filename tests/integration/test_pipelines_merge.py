@@ -256,3 +256,29 @@ def test_rebuild_that_computes_different_logits_is_blocked(trained, tiny_data, t
     failed = {g["name"] for g in e.value.report["gates"] if not g["passed"]}
     assert "golden_max_abs" in failed
     assert not failed & {"merged_cosine", "merged_max_abs", "merged_top1", "merged_weights_max_rel"}, failed
+
+
+def test_cli_rebuild_checks_the_stored_golden_logits(trained, tiny_data, tmp_path):
+    """`adapterops merge --expect-golden FILE`: the same adapter rebuilt passes (exit 0); a rebuild that reads the
+    adapter differently exits 1 and its report names the golden gate."""
+    import yaml
+    from pipelines import cli
+    from serving.parity import GOLDEN_FILE
+
+    adapter = trained("rslora") / "adapter"
+    v1 = _run(_merge_config("none"), adapter, tiny_data.val, tmp_path / "v1")
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "quantize": "none"}))
+    common = ["merge", "--base", str(BASE), "--val", str(tiny_data.val), "--config", str(config),
+              "--expect-golden", str(v1 / "golden" / GOLDEN_FILE)]
+    assert cli.main([*common, "--adapter", str(adapter), "--out", str(tmp_path / "same")]) == 0
+    changed = tmp_path / "adapter"
+    shutil.copytree(adapter, changed)
+    adapter_config = json.loads((changed / "adapter_config.json").read_text())
+    adapter_config["use_rslora"] = False
+    (changed / "adapter_config.json").write_text(json.dumps(adapter_config))
+    report = tmp_path / "report.json"
+    assert cli.main([*common, "--adapter", str(changed), "--out", str(tmp_path / "changed"),
+                     "--report-json", str(report)]) == 1
+    failed = {g["name"] for g in json.loads(report.read_text())["gates"] if not g["passed"]}
+    assert "golden_max_abs" in failed
