@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from train_fixtures import BASE, logits as _logits, prompt_ids as _prompt_ids, val_rows as _val_rows
+
 pytestmark = pytest.mark.integration
 
-BASE = Path(__file__).resolve().parents[2] / "models" / "tiny-llama"
 RANK = 4
 SPECS = {  # name -> (InitConfig overrides, TrainConfig overrides)
     "lora": ({"method": "lora"}, {}),
@@ -46,30 +47,6 @@ class Trained:
 
 def _manifest(out: Path) -> dict:
     return json.loads((Path(out) / "manifest.json").read_text())
-
-
-def _prompt_ids():
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(BASE)
-    return tok(["### Customer: where is my order?\n### Agent:", "### Customer: how do I close my account\n"
-                "### Agent: I"], return_tensors="pt", padding=True).input_ids
-
-
-def _logits(model, ids):
-    import torch
-
-    with torch.no_grad():
-        return model.eval()(input_ids=ids).logits
-
-
-def _val_rows(val: Path, max_len: int = 64):
-    from pipelines.data import read_jsonl
-    from pipelines.train import tokenize
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(BASE)
-    return tokenize(read_jsonl(val), tok, max_len), tok.pad_token_id
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from train_fixtures import BASE, logits as _logits, prompt_ids as _prompt_ids, val_rows as _val_rows
+
 pytestmark = pytest.mark.integration
 
-BASE = Path(__file__).resolve().parents[2] / "models" / "tiny-llama"
 METHODS = ("lora", "rslora", "dora", "pissa")
 
 
@@ -21,30 +22,6 @@ def _quiet(*_a):
 
 def _manifest(out: Path) -> dict:
     return json.loads((Path(out) / "manifest.json").read_text())
-
-
-def _val_rows(val: Path, max_len: int = 64):
-    from pipelines.data import read_jsonl
-    from pipelines.train import tokenize
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(BASE)
-    return tokenize(read_jsonl(val), tok, max_len), tok.pad_token_id
-
-
-def _prompt_ids():
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(BASE)
-    return tok(["### Customer: where is my order?\n### Agent:", "### Customer: how do I close my account\n"
-                "### Agent: I"], return_tensors="pt", padding=True).input_ids
-
-
-def _logits(model, ids):
-    import torch
-
-    with torch.no_grad():
-        return model.eval()(input_ids=ids).logits
 
 
 def _no_output_left(out: Path) -> None:
