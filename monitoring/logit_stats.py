@@ -19,15 +19,57 @@ if TYPE_CHECKING:  # torch is imported where it is used, so light importers (the
 REQUEST_STATS = ("prompt_nll", "gen_entropy", "gen_max_prob")
 
 
-def request_stats(prompt_logits: torch.Tensor, prompt_ids: torch.Tensor, gen_logits: torch.Tensor | None) -> dict:
-    """Per-request statistics.
+STATS_TOP_K = 20
+"""The generation statistics use each step's top-k log-probabilities only (k = 20, what vLLM returns at most), so an
+engine that sees the top-k alone (vLLM over HTTP) and one that sees the full logits (the built-in engine, the
+registration-time reference) compute the same numbers, and the monitors compare like with like."""
+
+
+def topk_entropy(top_logprobs) -> float:
+    """Entropy (nats) of the distribution that keeps the top-k probabilities and lumps the rest into one outcome.
+
+    A lower bound of the full entropy that needs only the top-k log-probabilities; exact when they hold all the mass.
+    """
+    import math
+
+    ps = [math.exp(lp) for lp in top_logprobs if lp is not None and math.isfinite(lp)]
+    h = -sum(p * math.log(p) for p in ps if p > 0.0)
+    rest = 1.0 - sum(ps)
+    if rest > 1e-12:
+        h -= rest * math.log(rest)
+    return h
+
+
+def stats_from_logprobs(prompt_token_logprobs, gen_top_logprobs) -> dict:
+    """REQUEST_STATS from log-probabilities alone.
+
+    prompt_token_logprobs: log p(token_t | tokens < t) for the prompt's tokens t >= 1;
+    gen_top_logprobs: per generated step, the top-k log-probabilities of the next-token distribution, best first.
+    """
+    import math
+
+    lps = [lp for lp in prompt_token_logprobs if lp is not None]
+    out = {"prompt_nll": -sum(lps) / len(lps) if lps else float("nan")}
+    steps = [top for top in gen_top_logprobs if top]
+    if steps:
+        out["gen_entropy"] = sum(topk_entropy(top) for top in steps) / len(steps)
+        out["gen_max_prob"] = sum(math.exp(max(top)) for top in steps) / len(steps)
+    else:
+        out["gen_entropy"] = float("nan")
+        out["gen_max_prob"] = float("nan")
+    return out
+
+
+def request_stats(prompt_logits: torch.Tensor, prompt_ids: torch.Tensor, gen_logits: torch.Tensor | None,
+                  top_k: int = STATS_TOP_K) -> dict:
+    """Per-request statistics from full logits (the same numbers stats_from_logprobs gives from the top-k).
 
     prompt_logits: [T, V] logits at prompt positions (position t predicts token t+1);
     prompt_ids: [T] prompt token ids; gen_logits: [G, V] logits that produced each generated token, or None.
 
     prompt_nll: mean NLL of the prompt's tokens under the served model (how unusual the input is to it);
-    gen_entropy / gen_max_prob: mean entropy and mean top-1 probability of the next-token distributions while
-    generating (how unsure the model is about its own answer).
+    gen_entropy / gen_max_prob: mean entropy (over the top-k, tail lumped: topk_entropy) and mean top-1
+    probability of the next-token distributions while generating (how unsure the model is about its own answer).
     """
     import torch
 
@@ -40,9 +82,13 @@ def request_stats(prompt_logits: torch.Tensor, prompt_ids: torch.Tensor, gen_log
         out["prompt_nll"] = float("nan")
     if gen_logits is not None and gen_logits.shape[0] > 0:
         logp = torch.log_softmax(gen_logits.float(), dim=-1)
-        p = logp.exp()
-        out["gen_entropy"] = float((-(p * logp).sum(-1)).mean())
-        out["gen_max_prob"] = float(p.max(-1).values.mean())
+        top = logp.topk(min(top_k, logp.shape[-1]), dim=-1).values.double()
+        p = top.exp()
+        h = -(p * top).sum(-1)
+        rest = (1.0 - p.sum(-1)).clamp_min(0.0)
+        h = h - torch.where(rest > 1e-12, rest * torch.log(rest.clamp_min(1e-300)), torch.zeros_like(rest))
+        out["gen_entropy"] = float(h.mean())
+        out["gen_max_prob"] = float(p[:, 0].mean())
     else:
         out["gen_entropy"] = float("nan")
         out["gen_max_prob"] = float("nan")
