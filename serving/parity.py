@@ -87,3 +87,56 @@ def check_parity(pool, key: str | None, prompts: list[str], golden_logits: torch
     report = compare_to_golden(golden_logits.cpu(), golden_mask.cpu(), served.cpu(), mask.cpu(), min_cosine,
                                max_abs, min_top1)
     return {"key": key, "prompts": len(prompts), **report}
+
+
+def golden_token_logprobs(golden: Golden, token_ids: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per golden prompt: log p(token_t | < t) for t >= 1 and the argmax ids, from the golden logits at the tokens
+    the engine saw."""
+    lps, top1 = [], []
+    for i, ids in enumerate(token_ids):
+        n = len(ids)
+        logp = torch.log_softmax(golden.logits[i, : n - 1].float(), -1)
+        tok = torch.tensor(ids[1:], dtype=torch.long)
+        lps.append(logp.gather(-1, tok[:, None]).squeeze(-1))
+        top1.append(logp.argmax(-1))
+    return lps, top1
+
+
+def check_engine_parity(engine, key: str | None, golden: Golden, max_logprob_abs: float = 1e-3,
+                        min_top1: float = 1.0) -> dict:
+    """Train/serve parity through any serving.engine.Engine: the engine's log-probabilities of the golden prompts'
+    own tokens against those the golden logits give, and the engine's argmax against the golden argmax.
+
+    Log-probs (not full logits) because that is what every engine can return (vLLM gives prompt_logprobs only); a
+    LoRA scaling bug (vLLM's rsLoRA one, say) moves them far beyond fp32 noise. A different tokenization (another
+    tokenizer or base) fails with that reason rather than comparing unlike positions.
+    """
+    thresholds = {"max_logprob_abs": max_logprob_abs, "min_top1": min_top1}
+    served = engine.prompt_logprobs(list(golden.prompts), key)
+    failures = []
+    lengths = [int(n) for n in golden.mask.sum(-1).tolist()]
+    got = [len(p.token_ids) for p in served]
+    if got != lengths:
+        return {"key": key, "prompts": len(golden.prompts), "engine": engine.name, "passed": False,
+                "thresholds": thresholds,
+                "failures": [f"the engine tokenized the golden prompts into {got} tokens, the golden logits hold "
+                             f"{lengths}: the tokenizer or base differs from the one the version was trained on"]}
+    ref_lp, ref_top1 = golden_token_logprobs(golden, [p.token_ids for p in served])
+    diffs, agree, positions = [], 0, 0
+    for p, lp, t1 in zip(served, ref_lp, ref_top1):
+        mine = torch.tensor(p.logprobs, dtype=torch.float32)
+        if not torch.isfinite(mine).all():
+            diffs.append(float("inf"))
+        elif mine.numel():
+            diffs.append(float((mine - lp).abs().max()))
+        agree += int((torch.tensor(p.top1_ids) == t1).sum())
+        positions += len(p.top1_ids)
+    max_abs = max(diffs) if diffs else 0.0
+    top1 = agree / positions if positions else 1.0
+    if not max_abs <= max_logprob_abs:
+        failures.append(f"max |token log-prob difference| {max_abs:.3g} > {max_logprob_abs}")
+    if not top1 >= min_top1:
+        failures.append(f"top-1 agreement {top1:.4f} < {min_top1}")
+    return {"key": key, "prompts": len(golden.prompts), "engine": engine.name, "positions": positions,
+            "max_logprob_abs": max_abs, "top1_agreement": top1, "thresholds": thresholds,
+            "passed": not failures, "failures": failures}

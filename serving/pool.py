@@ -29,19 +29,16 @@ from monitoring.logit_stats import request_stats
 from registry.hashing import model_weights_hash
 
 
-class AdapterNotLoaded(KeyError):
-    """The key names no adapter in the pool."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "adapter not loaded"
-
-
-class AdapterLoadError(ValueError):
-    """The adapter directory cannot be loaded onto this base."""
-
-
-class ContextLengthExceeded(ValueError):
-    """Prompt tokens + max_tokens exceed the model's context."""
+from serving.engine import (  # noqa: E402  (one set of exception classes for every engine)
+    AdapterLoadError,
+    AdapterNotLoaded,
+    ContextLengthExceeded,
+    Generation,
+    GenerationRequest,
+    PromptLogprobs,
+    StreamDelta,
+    TokenLogprob,
+)
 
 
 @dataclass
@@ -280,3 +277,72 @@ class AdapterPool:
                 logits = model(input_ids=batch.input_ids.to(self.device),
                                attention_mask=batch.attention_mask.to(self.device)).logits
         return logits.float().cpu(), batch.attention_mask.cpu()
+
+
+class PoolEngine:
+    """serving.engine.Engine over an AdapterPool: one request at a time, greedy only.
+
+    The reference implementation the batching engine (serving/builtin.py) is checked against, and what the
+    registration-time monitoring reference runs through. Sampling (temperature > 0) is refused, not ignored.
+    """
+
+    name = "pool"
+
+    def __init__(self, pool: AdapterPool):
+        self.pool = pool
+        self.base_path = pool.base_path
+        self.base_sha256 = pool.base_sha256
+        self.max_lora_rank = None
+
+    def load(self, key: str, adapter_dir: Path, base_sha256: str | None = None) -> None:
+        self.pool.load(key, adapter_dir, base_sha256=base_sha256)
+
+    def unload(self, key: str) -> None:
+        self.pool.unload(key)
+
+    def loaded(self) -> list[str]:
+        return self.pool.loaded()
+
+    def _one(self, req: GenerationRequest) -> Generation:
+        p = req.params
+        if p.temperature > 0:
+            raise ValueError("the pool engine decodes greedily only; send temperature 0 or serve with the built-in "
+                             "engine (--engine builtin)")
+        c = self.pool.complete(req.prompt, req.adapter, max_tokens=p.max_tokens, logprobs=p.logprobs is not None,
+                               stop=list(p.stop))
+        lps = None
+        if c.logprobs is not None:
+            lps = [TokenLogprob(t, lp) for t, lp in zip(c.tokens or [], c.logprobs)]
+        return Generation(text=c.text, prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+                          finish_reason=c.finish_reason, stats=c.stats, response_nll=c.response_nll, logprobs=lps)
+
+    def generate(self, requests: list[GenerationRequest]) -> list:
+        out = []
+        for req in requests:
+            try:
+                out.append(self._one(req))
+            except Exception as exc:  # per request: the others are still answered
+                out.append(exc)
+        return out
+
+    def stream(self, request: GenerationRequest):
+        gen = self._one(request)
+        yield StreamDelta(gen.text, gen.logprobs, final=gen)
+
+    def prompt_logprobs(self, prompts: list[str], key: str | None) -> list[PromptLogprobs]:
+        logits, mask = self.pool.prompt_logits(prompts, key)
+        out = []
+        for i, prompt in enumerate(prompts):
+            n = int(mask[i].sum())
+            ids = self.pool.tokenizer(prompt).input_ids[:n]
+            logp = torch.log_softmax(logits[i, : n - 1].float(), -1)
+            tok = torch.tensor(ids[1:], dtype=torch.long)
+            out.append(PromptLogprobs(list(ids), logp.gather(-1, tok[:, None]).squeeze(-1).tolist(),
+                                      logp.argmax(-1).tolist()))
+        return out
+
+    def health(self) -> dict:
+        return {"status": "ok", "engine": self.name, "loaded": self.loaded()}
+
+    def close(self) -> None:
+        pass
