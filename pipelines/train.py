@@ -37,7 +37,7 @@ DEFAULT_LR = {"lora": 2e-3, "rslora": 1e-3, "dora": 2e-3, "pissa": 1e-3}
 DEFAULT_WARMUP = {"lora": 0.05, "rslora": 0.05, "dora": 0.05, "pissa": 0.1}
 PRECISIONS = ("auto", "fp32", "bf16")
 # Settings that change how a run is watched or made resumable, not what it computes: not part of the fingerprint.
-NOT_IDENTITY = ("checkpoint_every", "progress", "device", "fast_dora")
+NOT_IDENTITY = ("checkpoint_every", "progress", "device", "fast_dora", "fast_kernels", "compile", "attention")
 
 
 @dataclass
@@ -94,6 +94,14 @@ class TrainConfig:
     fast_dora: bool = True
     """DoRA only: train with pipelines.fast_dora's forward (same function and gradients as PEFT's, less time and
     memory); false = PEFT's own forward."""
+    fast_kernels: str = "auto"
+    """CUDA fast path (pipelines.fast_train): Liger's RoPE, RMSNorm, SwiGLU and fused output layer + loss. auto/on:
+    used when the device is CUDA and liger-kernel imports (extra `gpu`), else the plain path with a log line; off."""
+    compile: str = "auto"
+    """torch.compile of each decoder layer: auto/on = on a CUDA device, off = never."""
+    attention: str = "auto"
+    """Attention over packed rows: auto (CUDA + bf16: varlen, else sdpa) | varlen (flash attention per example, no
+    mask) | flex (transformers' flex attention, block-sparse mask) | sdpa (a dense block-diagonal mask)."""
     health: HealthConfig = field(default_factory=HealthConfig)
 
     def __post_init__(self) -> None:
@@ -108,6 +116,10 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (0 = no checkpoints), got {self.checkpoint_every}")
+        for name, allowed in (("fast_kernels", ("auto", "on", "off")), ("compile", ("auto", "on", "off")),
+                              ("attention", ("auto", "varlen", "flex", "sdpa"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -235,16 +247,25 @@ def batch_loss(model, ids, labels, mask=None, position_ids=None):
     The output layer (vocabulary-sized) runs only at the positions that predict a response token."""
     import torch
 
+    from pipelines import fast_train
+
     target = labels[:, 1:]
     keep = target != -100
     parts = _lm_parts(model)
+    fast = fast_train.state(model)
+    extra = {}
+    if fast is not None and fast.attention == "varlen" and position_ids is not None:
+        # the packed examples' bounds, once per batch for every layer (flash attention's varlen form)
+        extra = {"cu_seq_lens_q": fast_train.cu_seqlens(position_ids), "max_length_q": ids.shape[1]}
     if parts is None:
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                       use_cache=False).logits[:, :-1][keep]
+                       use_cache=False, **extra).logits[:, :-1][keep]
     else:
         decoder, head = parts
         hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                         use_cache=False).last_hidden_state  # a KV cache would also turn off packed masking
+                         use_cache=False, **extra).last_hidden_state  # a KV cache would also turn off packed masking
+        if fast is not None and fast.fused_loss:
+            return fast_train.fused_head_loss(head, hidden[:, :-1][keep], target[keep]), int(keep.sum())
         logits = head(hidden[:, :-1][keep])
     loss = torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction="sum")
     return loss, int(keep.sum())
@@ -563,6 +584,10 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
         from pipelines import fast_dora
 
         fast_dora.enable(model)
+    from pipelines import fast_train
+
+    fast_train.enable(model, device, fast_kernels=cfg.fast_kernels, compile=cfg.compile, attention=cfg.attention,
+                      precision=precision, log=log)
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

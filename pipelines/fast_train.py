@@ -1,0 +1,281 @@
+"""The trainer's CUDA fast path: Liger kernels, per-layer torch.compile, varlen attention over packed rows.
+
+Used by pipelines.train (TrainConfig.fast_kernels / compile / attention) and bench/train_throughput.py. Each part is
+optional and falls back to the plain path with one log line when it cannot run (no CUDA device, the package missing,
+an old torch, a model it does not know); nothing here is needed on the CPU, and nothing here imports mlflow, prefect
+or bitsandbytes.
+
+- Liger kernels (`liger-kernel`, pure Triton; the optional extra `gpu`): RoPE, RMSNorm and SwiGLU patched into the
+  model instance, and the output layer + cross-entropy fused (`fused_loss`: the vocabulary-sized logits of the loss
+  positions are never materialised in full).
+- Attention over packed rows. transformers keeps packed examples apart by turning the restarting position ids into
+  a block-diagonal mask: with sdpa that is a dense [rows, 1, S, S] boolean mask and a masked kernel (no flash
+  attention). "varlen" instead flattens the rows and calls flash attention's variable-length form
+  (torch.nn.attention.varlen, torch >= 2.9) with cumulative sequence lengths taken from the position ids: no mask
+  at all and no work across example boundaries. "flex" is transformers' flex-attention path (block-sparse mask).
+  On a device without flash attention (the CPU) "varlen" runs each example through sdpa, so the same code is tested
+  there.
+- torch.compile of each decoder layer (regional compilation: one graph, reused by every layer, no graph break from
+  the loss's data-dependent indexing).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+VARLEN = "adapterops_varlen"
+ATTENTION = ("auto", "varlen", "flex", "sdpa")
+SWITCH = ("auto", "on", "off")
+
+
+@dataclass
+class FastPath:
+    """What the fast path turned on for one model; `notes` holds the reason for each part left off."""
+
+    device: str = "cpu"
+    liger: bool = False
+    fused_loss: bool = False
+    compiled: bool = False
+    attention: str = "sdpa"
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        on = [name for name, v in (("liger kernels", self.liger), ("fused output+loss", self.fused_loss),
+                                   ("torch.compile per layer", self.compiled)) if v]
+        on.append(f"attention={self.attention}")
+        off = f"; off: {'; '.join(self.notes)}" if self.notes else ""
+        return f"fast path on {self.device}: {', '.join(on)}{off}"
+
+
+def _lm(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def liger_available() -> str | None:
+    """None when liger-kernel imports, else why not."""
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception as e:  # ImportError, or a Triton/torch mismatch raising at import
+        return f"liger-kernel not importable ({type(e).__name__}: {e}); install the extra: pip install '.[gpu]'"
+    return None
+
+
+def varlen_available() -> str | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except Exception as e:
+        return f"torch has no varlen attention ({type(e).__name__})"
+    return None
+
+
+def cu_seqlens(position_ids):
+    """Cumulative sequence starts (int32, [n+1]) of the packed rows: a sequence starts wherever a position id is 0
+    (every row starts one), and the flattened rows end at rows * width."""
+    import torch
+
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    end = torch.tensor([flat.numel()], device=flat.device, dtype=starts.dtype)
+    return torch.cat([starts, end]).to(torch.int32)
+
+
+def _varlen_kernel():
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn, params
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                             cu_seq_lens_q=None, max_length_q=None, position_ids=None, **kwargs):
+    """transformers attention function: query [B, H, S, D], key/value [B, Hkv, S, D] -> ([B, S, H, D], None).
+
+    Causal within each packed example, nothing across examples. `cu_seq_lens_q` (from cu_seqlens) is computed once
+    per batch by the caller; without it, from `position_ids` here."""
+    import torch
+
+    b, h, s, d = query.shape
+    hkv = key.shape[1]
+    if dropout:
+        raise ValueError("varlen attention in the fast path does not do attention dropout")
+    if cu_seq_lens_q is None:
+        if position_ids is None or position_ids.shape[0] != b:  # one unpacked (right-padded) sequence per row
+            position_ids = torch.arange(s, device=query.device).expand(b, s)
+        cu_seq_lens_q = cu_seqlens(position_ids)
+    q = query.transpose(1, 2).reshape(b * s, h, d)
+    k = key.transpose(1, 2).reshape(b * s, hkv, d)
+    v = value.transpose(1, 2).reshape(b * s, hkv, d)
+    if query.is_cuda and varlen_available() is None:
+        kernel, params = _varlen_kernel()
+        extra = {}
+        if hkv != h:
+            if "enable_gqa" in params:
+                extra["enable_gqa"] = True
+            else:
+                k = k.repeat_interleave(h // hkv, dim=1)
+                v = v.repeat_interleave(h // hkv, dim=1)
+        if "is_causal" in params:
+            extra["is_causal"] = True
+        else:
+            extra["window_size"] = (-1, 0)
+        if scaling is not None and "scale" in params:
+            extra["scale"] = scaling
+        # max_length: the row width bounds every example; a fixed bound keeps compiled graphs from specialising
+        m = int(max_length_q) if max_length_q is not None else s
+        out = kernel(q, k, v, cu_seq_lens_q, cu_seq_lens_q, m, m, **extra)
+    else:  # reference path (CPU): each example through sdpa, causal
+        out = torch.empty_like(q)
+        bounds = cu_seq_lens_q.tolist()
+        for a, z in zip(bounds[:-1], bounds[1:]):
+            qi = q[a:z].transpose(0, 1)
+            ki = k[a:z].transpose(0, 1).repeat_interleave(h // hkv, dim=0)
+            vi = v[a:z].transpose(0, 1).repeat_interleave(h // hkv, dim=0)
+            out[a:z] = torch.nn.functional.scaled_dot_product_attention(
+                qi, ki, vi, is_causal=True, scale=scaling).transpose(0, 1)
+    return out.reshape(b, s, h, d), None
+
+
+def register_varlen() -> None:
+    """Make VARLEN a transformers attention implementation (no mask: the sequence bounds come from position ids)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionMaskInterface.register(VARLEN, lambda *args, **kwargs: None)
+    except Exception:  # older transformers: custom implementations get no mask anyway
+        pass
+
+
+def set_attention(model, attention: str) -> None:
+    """Switch a (PEFT-wrapped) transformers model's attention implementation: varlen | flex | sdpa."""
+    impl = {"varlen": VARLEN, "flex": "flex_attention", "sdpa": "sdpa"}[attention]
+    if attention == "varlen":
+        register_varlen()
+    lm = _lm(model)
+    configs = [lm.config] + [getattr(lm.config, k) for k in ("text_config",) if hasattr(lm.config, k)]
+    for c in configs:
+        c._attn_implementation = impl
+
+
+def apply_liger(model) -> str | None:
+    """Patch Liger's RoPE, RMSNorm and SwiGLU into the model instance; None on success, else why not."""
+    why = liger_available()
+    if why:
+        return why
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=_lm(model), rope=True, rms_norm=True, swiglu=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
+    except Exception as e:
+        return f"liger kernels not applied ({type(e).__name__}: {e})"
+    return None
+
+
+def decoder_layers(model):
+    lm = _lm(model)
+    decoder = getattr(lm, "model", None) or getattr(lm, "base_model", None)
+    return getattr(decoder, "layers", None)
+
+
+def compile_layers(model) -> str | None:
+    """torch.compile each decoder layer in place (module names, state dicts and PEFT saving are unchanged)."""
+    layers = decoder_layers(model)
+    if layers is None:
+        return "no decoder layers found to compile"
+    try:
+        for layer in layers:
+            layer.compile()
+    except Exception as e:
+        return f"torch.compile failed ({type(e).__name__}: {e})"
+    return None
+
+
+def enable(model, device: str, *, fast_kernels: str = "auto", compile: str = "auto", attention: str = "auto",
+           precision: str = "bf16", log=print) -> FastPath:
+    """Turn on what can run; never raises for a part that cannot (it stays plain, with a note). "on" asks for a
+    part even where auto would not (still only on CUDA: the kernels and compile are for the GPU)."""
+    for name, value, allowed in (("fast_kernels", fast_kernels, SWITCH), ("compile", compile, SWITCH),
+                                 ("attention", attention, ATTENTION)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    fp = FastPath(device=device)
+    cuda = str(device).startswith("cuda")
+    if fast_kernels != "off":
+        if not cuda:
+            fp.notes.append("liger kernels: not a CUDA device")
+        else:
+            why = apply_liger(model)
+            if why:
+                fp.notes.append(why)
+            else:
+                fp.liger = fp.fused_loss = True
+    if attention == "auto":
+        attention = ("varlen" if varlen_available() is None else "flex") if cuda and precision == "bf16" else "sdpa"
+    if attention == "varlen" and cuda and precision != "bf16":
+        fp.notes.append("varlen attention: flash attention needs bf16 (precision is fp32); sdpa instead")
+        attention = "sdpa"
+    if attention == "varlen" and cuda and varlen_available():
+        fp.notes.append(f"varlen attention: {varlen_available()}; flex attention instead")
+        attention = "flex"
+    if attention != "sdpa":
+        try:
+            set_attention(model, attention)
+            fp.attention = attention
+        except Exception as e:
+            fp.notes.append(f"{attention} attention not set ({type(e).__name__}: {e}); sdpa")
+    if compile != "off":
+        if not cuda:
+            fp.notes.append("torch.compile: not a CUDA device")
+        else:
+            why = compile_layers(model)
+            if why:
+                fp.notes.append(why)
+            else:
+                fp.compiled = True
+    model._adapterops_fast = fp
+    log(f"train: {fp.describe()}")
+    return fp
+
+
+def state(model) -> FastPath | None:
+    return getattr(model, "_adapterops_fast", None)
+
+
+def fused_head_loss(head, hidden, target):
+    """Sum of cross-entropy of head(hidden) against target, fused (Liger): chunks of logits, never all at once."""
+    import torch
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    weight = head.weight
+    bias = getattr(head, "bias", None)
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, target, bias)
+    return loss.float() if loss.dtype != torch.float32 else loss
+
+
+def rows_that_fit(step, rows_probe: tuple[int, int] = (1, 2), budget_frac: float = 0.85,
+                  cap: int = 256) -> dict:
+    """Micro-batch rows that fit in this GPU's memory: run step(rows) at two small sizes, take the peak memory's
+    growth per row, and fill `budget_frac` of the card (what is already allocated counts). `step(rows)` must run a
+    full forward + backward + optimizer step at that many rows. Returns rows, per-row GiB and the probe's peaks."""
+    import torch
+
+    peaks = []
+    for r in rows_probe:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        step(r)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated())
+    per_row = max((peaks[1] - peaks[0]) / (rows_probe[1] - rows_probe[0]), 1.0)
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    fixed = peaks[0] - per_row * rows_probe[0]
+    rows = int((budget_frac * total - fixed) // per_row)
+    return {"rows": max(1, min(cap, rows)), "per_row_gib": round(per_row / 2**30, 4),
+            "fixed_gib": round(fixed / 2**30, 3), "probe_peaks_gib": [round(p / 2**30, 3) for p in peaks]}
