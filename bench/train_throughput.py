@@ -34,6 +34,8 @@ TINY_BASE = REPO / "models" / "tiny-llama"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
 
 
 def text_rows(tokenizer, max_len: int, n: int, seed: int = 0):
@@ -53,7 +55,7 @@ def build_model(kind: str, device: str, dtype):
     if kind == "tiny":
         return AutoModelForCausalLM.from_pretrained(TINY_BASE, dtype=dtype).to(device)
     torch.manual_seed(0)
-    cfg = LlamaConfig(**LLAMA_1B, attn_implementation="sdpa", use_cache=False)
+    cfg = LlamaConfig(**(LLAMA_1B if kind == "1b" else LLAMA_7B), attn_implementation="sdpa", use_cache=False)
     with torch.device(device):
         return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
 
@@ -86,20 +88,27 @@ def _peak_gib(device: str):
     return round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.startswith("cuda") else None
 
 
-def ours(args, rows, pad_id, *, packing: bool, dora: str | None = None) -> dict:
+def ours(args, rows, pad_id, *, packing: bool, dora: str | None = None, fast: bool = False,
+         batch_size: int | None = None, profile: bool = False) -> dict:
     """Our trainer's step loop (the functions pipelines.train.run uses) on a fresh model; dora: "fast" (ours, the
-    trainer's default) or "peft" (PEFT's own DoRA forward)."""
+    trainer's default) or "peft" (PEFT's own DoRA forward); fast: pipelines.fast_train's CUDA path as run() turns it
+    on (on the CPU, only its varlen attention, through the reference kernel); profile: a torch.profiler table of
+    two more steps."""
     import torch
-    from pipelines import fast_dora, train
+    from pipelines import fast_dora, fast_train, train
 
     dtype = torch.float32
     model = lora(build_model(args.model, args.device, dtype), dora=dora is not None)
     if dora == "fast":
         fast_dora.enable(model)
-    cfg = train.TrainConfig(batch_size=args.batch_size, max_len=args.max_len, packing=packing, steps=args.steps,
-                            device=args.device, precision=args.precision)
+    cfg = train.TrainConfig(batch_size=batch_size or args.batch_size, max_len=args.max_len, packing=packing,
+                            steps=args.steps, device=args.device, precision=args.precision)
     device, precision = train.resolve_device_precision(cfg)
     model = train.prepare_precision(model, precision)
+    fp = None
+    if fast:
+        fp = fast_train.enable(model, device, precision=precision,
+                               attention="auto" if device.startswith("cuda") else "varlen")
     model.train()
     opt = train.make_optimizer(model, 1e-4)
     batches = train.BatchSource(rows, cfg, pad_id, device)
@@ -115,9 +124,106 @@ def ours(args, rows, pad_id, *, packing: bool, dora: str | None = None) -> dict:
     _sync(device)
     seconds = time.perf_counter() - t0
     result = {"seconds": seconds, "useful_tokens": real, "padded_tokens": padded, "peak_gib": _peak_gib(device),
-              "final_loss": out["loss"]}
+              "final_loss": out["loss"], "rows": cfg.batch_size, "steps": args.steps}
+    if fp is not None:
+        result["fast_path"] = fp.describe()
+    if profile:
+        result["profile"] = _profile(lambda: train.train_step(model, opt, batches, 1), device)
     del model, opt
     return result
+
+
+def _profile(step, device: str, n: int = 2, top: int = 25) -> str:
+    """torch.profiler table (by self device time) of n steps: where the time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        _sync(device)
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60)
+
+
+def matmul_peak_tflops(device: str, n: int = 8192, repeats: int = 10) -> float:
+    """Measured bf16 matmul rate (n x n x n, random data, mean of `repeats` after 3 warm-ups): the MFU denominator."""
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e12
+
+
+def flops_per_token(model_cfg, seq_len: float) -> float:
+    """Model FLOPs of one trained token with LoRA: 4x the matmul parameters (forward 2, input gradients 2; the
+    frozen weights get no weight gradient; adapters are negligible) plus causal attention (QK and PV, forward and
+    the two backward products: 6 * ctx * hidden per layer, ctx the example's length on average)."""
+    h, i, n = model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.num_hidden_layers
+    kv = h * model_cfg.num_key_value_heads // model_cfg.num_attention_heads
+    matmul = n * (2 * h * h + 2 * h * kv + 3 * h * i) + h * model_cfg.vocab_size
+    return 4 * matmul + 6 * seq_len * h * n
+
+
+def liger_compile(args, batch: int) -> dict:
+    """The strongest library stack: PEFT LoRA + Liger (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy) + torch.
+    compile of each decoder layer, bf16 weights, bf16 autocast, fused AdamW, on synthetic full rows (every token a
+    real token, loss over all positions)."""
+    import torch
+
+    from pipelines import fast_train
+
+    gpu = args.device.startswith("cuda")
+    base = build_model(args.model, args.device, torch.bfloat16 if gpu else torch.float32)
+    notes = []
+    if gpu and fast_train.liger_available() is None:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=True)
+    else:
+        notes.append("no liger")
+    model = lora(base)
+    if gpu:
+        for layer in fast_train.decoder_layers(model):
+            layer.compile()
+    else:
+        notes.append("no compile")
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=gpu)
+    vocab = base.config.vocab_size
+    g = torch.Generator(device=args.device).manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, args.max_len), device=args.device, generator=g)
+    _reset_peak(args.device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=gpu):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        return loss
+
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            _sync(args.device)
+            t0 = time.perf_counter()
+        loss = step()
+    _sync(args.device)
+    seconds = time.perf_counter() - t0
+    out = {"seconds": seconds, "useful_tokens": batch * args.max_len * args.steps, "padded_tokens":
+           batch * args.max_len * args.steps, "peak_gib": _peak_gib(args.device), "final_loss": float(loss.detach()),
+           "rows": batch, "steps": args.steps, "notes": notes}
+    del model, opt, base
+    return out
 
 
 def plain(args, rows, *, group_by_length: bool, batch_size: int | None = None) -> dict:
@@ -206,10 +312,128 @@ def pissa_cold_vs_hit(device: str, rank: int, repeats: int) -> tuple[list[dict],
     return rows, ratios
 
 
+def versus_liger(args, rows, tok, lengths) -> dict:
+    """GPU suite, one process: ours (fast path, and plain) on packed real rows vs PEFT + Liger + compile on full rows
+    at its best batch; DoRA vs LoRA in ours; MFU against the measured matmul peak. Writes partial JSON as it goes."""
+    import json
+
+    import torch
+    from transformers import LlamaConfig
+
+    gpu = args.device.startswith("cuda")
+    model_cfg = (LlamaConfig(**LLAMA_1B) if args.model == "1b" else
+                 LlamaConfig.from_pretrained(TINY_BASE) if args.model == "tiny" else LlamaConfig(**LLAMA_7B))
+    peak = matmul_peak_tflops(args.device) if gpu else None
+    cases: dict[str, dict] = {}
+    mean_len = sum(lengths) / len(lengths)
+    ctx = sum(n * n for n in lengths) / sum(lengths)  # a token's average example length (packed: its own example)
+
+    def record(name, r, seq_len):
+        r["useful_tok_s"] = r["useful_tokens"] / r["seconds"]
+        r["padding_fraction"] = 1 - r["useful_tokens"] / max(r["padded_tokens"], 1)
+        if peak:
+            r["mfu"] = r["useful_tok_s"] * flops_per_token(model_cfg, seq_len) / (peak * 1e12)
+        cases[name] = r
+        print(f"  {name}: {r['useful_tok_s']:.0f} useful tok/s, rows {r.get('rows')}, peak {r['peak_gib']} GiB, "
+              f"mfu {r.get('mfu')}", flush=True)
+        if args.partial:
+            Path(args.partial).write_text(json.dumps({"peak_tflops": peak, "cases": cases}, indent=1, default=str))
+        gc.collect()
+        if gpu:
+            torch.cuda.empty_cache()
+
+    plan = [("ours_fast", dict(packing=True, fast=True, profile=args.profile)),
+            ("ours_fast_dora", dict(packing=True, fast=True, dora="fast")),
+            ("ours_plain", dict(packing=True))]
+    for name, kw in plan:
+        if args.only and name not in args.only:
+            continue
+        try:
+            record(name, ours(args, rows, tok.pad_token_id, **kw), ctx)
+        except Exception as e:  # keep the other cases: a broken one is a result too
+            cases[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            print(f"  {name}: FAILED {cases[name]['error']}", flush=True)
+            gc.collect()
+            if gpu:
+                torch.cuda.empty_cache()
+    for b in args.liger_batches:
+        if args.only and "liger_compile" not in args.only:
+            continue
+        try:
+            record(f"liger_compile_b{b}", liger_compile(args, b), args.max_len)
+        except Exception as e:
+            cases[f"liger_compile_b{b}"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            print(f"  liger_compile_b{b}: FAILED {cases[f'liger_compile_b{b}']['error']}", flush=True)
+            gc.collect()
+            if gpu:
+                torch.cuda.empty_cache()
+    ok = {k: c for k, c in cases.items() if "error" not in c}
+    liger = [c for k, c in ok.items() if k.startswith("liger_compile")]
+    best = max(liger, key=lambda c: c["useful_tok_s"]) if liger else None
+
+    def val(name, key="useful_tok_s"):
+        return ok.get(name, {}).get(key)
+
+    ratios = []
+    if best and val("ours_fast"):
+        ratios.append(ratio("useful_tok_s_vs_liger_compile", val("ours_fast"), best["useful_tok_s"],
+                            f"ours (fast path, packed real rows) vs PEFT + Liger + compile at its best batch "
+                            f"({best['rows']} full rows); target >= 1.0"))
+    if best and val("ours_plain"):
+        ratios.append(ratio("useful_tok_s_vs_liger_compile_plain_path", val("ours_plain"), best["useful_tok_s"],
+                            "ours with the fast path off"))
+    if val("ours_fast") and val("ours_plain"):
+        ratios.append(ratio("fast_path_speedup", val("ours_fast"), val("ours_plain"), "ours fast vs ours plain"))
+    if val("ours_fast", "mfu"):
+        ratios.append({"ratio": "mfu", "value": round(val("ours_fast", "mfu"), 4),
+                       "note": f"ours fast path, model FLOPs / measured bf16 matmul peak {peak:.0f} TFLOP/s; "
+                               "target >= 0.40"})
+    if best and best.get("mfu"):
+        ratios.append({"ratio": "mfu_liger_compile", "value": round(best["mfu"], 4), "note": "the library stack"})
+    if val("ours_fast_dora") and val("ours_fast"):
+        ratios += [ratio("dora_speed_ratio", val("ours_fast_dora"), val("ours_fast"), "fast path both; target >= 0.85"),
+                   ratio("dora_memory_ratio", val("ours_fast_dora", "peak_gib"), val("ours_fast", "peak_gib"),
+                         "peak allocated, same rows; target <= 1.2")]
+    label = {"ours_fast": "ours, packed real rows, fast path", "ours_plain": "ours, packed real rows, plain path",
+             "ours_fast_dora": "ours, packed real rows, fast path, DoRA (pipelines.fast_dora)"}
+    rows_out = []
+    for k, c in cases.items():
+        name = f"{args.model} LoRA r16: " + label.get(k, f"PEFT + Liger + compile, {k.rsplit('_b', 1)[-1]} full rows")
+        if "error" in c:
+            rows_out.append({"case": name, "median_s": None, "min_s": None, "repeats": 0, "error": c["error"][:300]})
+            continue
+        rows_out.append(row(name, [c["seconds"]], steps=c["steps"], rows=c["rows"],
+                            useful_tok_s=round(c["useful_tok_s"], 1), padding=round(c["padding_fraction"], 4),
+                            peak_gib=c["peak_gib"], mfu=round(c["mfu"], 4) if c.get("mfu") else None,
+                            loss=round(c["final_loss"], 4)))
+    notes = [f"{args.model} shape, random weights, LoRA r16 on all seven linear kinds, bf16; {args.warmup} warm-up + "
+             f"{args.steps} timed steps per case; ours: {args.batch_size} packed rows of {args.max_len} tokens from "
+             f"{len(rows)} real examples (mean {mean_len:.0f} tokens); the library stack: synthetic full "
+             f"{args.max_len}-token rows.",
+             "MFU: 4 x matmul parameters per token (output layer counted at every position for both) + causal "
+             f"attention at each token's own example length (ours: {ctx:.0f} on average; full rows: "
+             f"{args.max_len}); peak = measured {args.device} bf16 8192^3 matmul"
+             + (f" {peak:.0f} TFLOP/s." if peak else "."),
+             *[f"{k}: {c['fast_path']}" for k, c in cases.items() if "fast_path" in c]]
+    if ok.get("ours_fast", {}).get("profile"):
+        notes.append("Profile of ours, fast path (2 steps, by self device time):\n```\n"
+                     + ok["ours_fast"]["profile"] + "\n```")
+    return {"rows": rows_out, "ratios": ratios, "notes": notes}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.run train_throughput", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--model", default=None, choices=["tiny", "1b"], help="default: tiny on cpu, 1b on cuda")
+    p.add_argument("--model", default=None, choices=["tiny", "1b", "7b"], help="default: tiny on cpu, 1b on cuda")
+    p.add_argument("--suite", default=None, choices=["trainer", "liger"],
+                   help="trainer: ours vs HF Trainer (default on cpu); liger: ours (fast path and plain) vs PEFT + "
+                        "Liger + compile, DoRA, MFU (default on cuda)")
+    p.add_argument("--liger-batches", default=None, help="comma-separated full-row batches for the library stack "
+                                                         "(its best is compared; default 16,32 on cuda)")
+    p.add_argument("--only", default="", help="liger suite: comma-separated cases to run (ours_fast, ours_fast_dora, "
+                                              "ours_plain, liger_compile); default all")
+    p.add_argument("--partial", default=None, help="also write the cases as they finish to this JSON file")
+    p.add_argument("--profile", action="store_true", help="liger suite: a torch.profiler table of ours, fast path")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--batch-size", type=int, default=None, help="rows per step (default 8 on cuda, 4 on cpu)")
     p.add_argument("--max-len", type=int, default=None, help="tokens per example / packed row (1024 cuda, 256 cpu)")
@@ -224,6 +448,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.batch_size = args.batch_size or (8 if gpu else 4)
     args.max_len = args.max_len or (1024 if gpu else 256)
     args.steps = args.steps or (20 if gpu else 6)
+    args.only = [c for c in args.only.split(",") if c]
+    args.suite = args.suite or ("liger" if gpu else "trainer")
+    args.liger_batches = [int(b) for b in (args.liger_batches or ("16,32" if gpu else "2")).split(",")]
 
     import torch
     from transformers import AutoTokenizer
@@ -235,6 +462,15 @@ def main(argv: list[str] | None = None) -> dict:
     lengths = sorted(len(r[0]) for r in rows)
     print(f"  {len(rows)} examples, tokens median {lengths[len(lengths) // 2]}, max {lengths[-1]}", flush=True)
 
+    if args.suite == "liger":
+        out = versus_liger(args, rows, tok, lengths)
+        name = f"{NAME}_{'cuda' if gpu else 'cpu'}_{args.model}"
+        result = {"title": f"Training throughput vs PEFT + Liger + compile ({'GPU' if gpu else 'CPU'}, {args.model})",
+                  "description": versus_liger.__doc__.replace("\n", " "),
+                  "command": " ".join(["python -m bench.run", NAME, *(argv or [])]), **out}
+        path = write_result(name, result)
+        print(f"  wrote {path}")
+        return result
     cases = {}
     mean_len = sum(lengths) / len(lengths)
     equal_bs = max(args.batch_size, round(args.batch_size * args.max_len / mean_len))
