@@ -1,7 +1,9 @@
 """Prediction log: one SQLite row per served request, written by a background thread.
 
 Serving calls `log(record)` on the request path; it only enqueues (never touches the disk), and when the queue is
-full the record is dropped and counted rather than slowing the request. The monitors read the rows back with
+full the record is dropped and counted rather than slowing the request. Text that UTF-8 cannot hold (a lone surrogate
+such as "\ud800" from a JSON request body) is stored with U+FFFD in its place, and the writer thread survives any
+row it cannot write: it logs the error, counts it in `failures` and goes on with the next rows. The monitors read the rows back with
 `query`. SQLite runs in WAL mode so that readers never block the writer.
 
     log = PredictionLog("work/predictions.sqlite")
@@ -65,6 +67,7 @@ class PredictionLog:
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._dropped = 0
         self._write_errors = 0
+        self._writer_errors = 0
         self._count_lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._closed = False
@@ -106,6 +109,17 @@ class PredictionLog:
         """Records that reached the writer but could not be inserted (logged with the SQLite error)."""
         return self._write_errors
 
+    @property
+    def failures(self) -> int:
+        """Every record that was lost: dropped on a full queue, refused by SQLite, or lost to an unexpected writer
+        error. What serving's `prediction_log_failures_total` metric reports; it only ever grows."""
+        return self._dropped + self._write_errors + self._writer_errors
+
+    @property
+    def writer_alive(self) -> bool:
+        """False only after close(): the writer thread does not die on a bad row."""
+        return self._writer.is_alive()
+
     # ---- writer thread --------------------------------------------------------------------------------------------
 
     def _write_loop(self) -> None:
@@ -123,6 +137,11 @@ class PredictionLog:
                 try:
                     if rows:
                         self._insert(conn, rows)
+                except Exception:  # noqa: BLE001 - the writer must outlive any row; the rows are counted as lost
+                    with self._count_lock:
+                        self._writer_errors += len(rows)
+                    logger.exception("prediction log writer lost %d records to %s; it keeps running", len(rows),
+                                     self.path)
                 finally:
                     for _ in batch:
                         self._queue.task_done()
@@ -137,17 +156,17 @@ class PredictionLog:
                 conn.execute("BEGIN")
                 conn.executemany(_INSERT, rows)
             return
-        except sqlite3.Error:
+        except Exception:  # noqa: BLE001 - any bad row: retry one by one so the good rows of the batch are kept
             logger.exception("prediction log batch insert into %s failed; retrying row by row", self.path)
         for row in rows:
             try:
                 with conn:
                     conn.execute(_INSERT, row)
-            except sqlite3.Error as e:
+            except Exception as e:  # noqa: BLE001
                 with self._count_lock:
                     self._write_errors += 1
-                logger.error("prediction log dropped a record (request_id=%s) that %s rejected: %s",
-                             row[0], self.path, e)
+                logger.error("prediction log dropped a record (request_id=%r) that %s rejected: %s: %s",
+                             row[0], self.path, type(e).__name__, e)
 
     # ---- readers --------------------------------------------------------------------------------------------------
 
@@ -175,7 +194,7 @@ class PredictionLog:
             self.flush()
         with self._read_lock, self._read:
             cur = self._read.execute("UPDATE predictions SET feedback = ?, feedback_ts = ? WHERE request_id = ?",
-                                     (score, time.time(), str(request_id)))
+                                     (score, time.time(), safe_text(str(request_id))))
             return cur.rowcount > 0
 
     def set_embeddings(self, ids, embeddings: np.ndarray) -> int:
@@ -241,10 +260,10 @@ class PredictionLog:
         where, params = [], []
         if family is not None:
             where.append("family = ?")
-            params.append(family)
+            params.append(safe_text(str(family)))
         if version is not None:
             where.append("version = ?")
-            params.append(str(version))
+            params.append(safe_text(str(version)))
         return where, params
 
     def close(self) -> None:
@@ -271,6 +290,17 @@ class PredictionLog:
         self.close()
 
 
+def safe_text(text: str) -> str:
+    """`text` with every lone surrogate (which UTF-8, hence SQLite, cannot store) replaced by U+FFFD; any other
+    string comes back unchanged. Valid surrogate pairs cannot occur in a Python str built by json.loads: they are
+    joined into one code point."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def _to_row(record: dict) -> tuple:
     if not isinstance(record, dict):
         raise ValueError(f"a prediction record must be a dict, got {type(record).__name__}")
@@ -292,6 +322,9 @@ def _to_row(record: dict) -> tuple:
             values[key] = float(values[key])
     if values.get("request_id") is not None:
         values["request_id"] = str(values["request_id"])
+    for key in ("request_id", "family", "version", "prompt", "response", "error"):
+        if values.get(key) is not None:
+            values[key] = safe_text(str(values[key]))
     emb = values.get("embedding")
     if emb is not None:
         # Copy to bytes now: the caller may reuse its buffer after log() returns.

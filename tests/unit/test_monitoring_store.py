@@ -174,3 +174,50 @@ def test_set_embeddings_fills_rows_by_id(plog):
         plog.set_embeddings(ids, np.zeros((2, 3)))
     with pytest.raises(ValueError, match="NaN or inf"):
         plog.set_embeddings(ids[:1], np.full((1, 3), np.nan))
+
+
+def test_lone_surrogate_is_stored_safely_and_the_writer_survives(plog):
+    """Issue 16: a prompt holding a lone surrogate used to kill the writer thread for the life of the server."""
+    plog.log(_rec(0, prompt="\ud800 x", response="ok \udfff", error="bad \ud83d"))
+    plog.log(_rec(1, prompt="fine \U0001F600"))
+    plog.flush()
+    rows = plog.query()
+    assert [r["prompt"] for r in rows] == ["\ufffd x", "fine \U0001F600"]
+    assert rows[0]["response"] == "ok \ufffd" and rows[0]["error"] == "bad \ufffd"
+    assert plog.writer_alive and plog.failures == 0
+    assert plog.add_feedback("r0", 0.5) is True  # feedback for the same request still works
+    plog.log(_rec(2, request_id="\udc80id"))
+    assert plog.add_feedback("\udc80id", 1.0) is True
+    assert plog.count(family="support\ud800") == 0
+
+
+def test_writer_survives_any_bad_row_and_counts_it(plog, monkeypatch):
+    import monitoring.store as store
+
+    plog.log(_rec(0))
+    plog.flush()
+    real = store._INSERT
+    # a row whose insert raises something other than sqlite3.Error (what the surrogate used to do)
+    monkeypatch.setattr(plog, "_insert", lambda conn, rows: (_ for _ in ()).throw(RuntimeError("boom")))
+    plog.log(_rec(1))
+    plog.log(_rec(2))
+    plog.flush()
+    assert plog.writer_alive and plog.failures == 2
+    monkeypatch.undo()
+    assert store._INSERT == real
+    plog.log(_rec(3))
+    plog.flush()
+    assert [r["request_id"] for r in plog.query()] == ["r0", "r3"]
+    assert plog.failures == 2
+
+
+def test_a_row_sqlite_rejects_is_counted_and_the_rest_of_the_batch_is_kept(plog):
+    import monitoring.store as store
+
+    good, bad = store._to_row(_rec(0)), list(store._to_row(_rec(1)))
+    bad[store.RECORD_KEYS.index("family")] = None  # NOT NULL violated inside the writer
+    for row in (good, tuple(bad), store._to_row(_rec(2))):
+        plog._queue.put(row)
+    plog.flush()
+    assert plog.write_errors == 1 and plog.failures == 1 and plog.writer_alive
+    assert [r["request_id"] for r in plog.query()] == ["r0", "r2"]
