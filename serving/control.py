@@ -169,6 +169,8 @@ class ControlPlane:
         self.metrics.adapter_switches.set_function(lambda: getattr(getattr(self.engine, "pool", self.engine),
                                                                    "switches", 0))
         self.metrics.watch_fallbacks(state.router.families)
+        if state.log is not None:
+            self.metrics.watch_log(state.log)
         self.lock = threading.RLock()  # guards state.families and composite admin operations
         self.inflight: Counter = Counter()  # engine key -> requests routed to it, not yet answered
         self.drained = threading.Condition(self.lock)  # notified when a key's in-flight count drops to 0
@@ -546,6 +548,12 @@ class ControlPlane:
                      f"shorten it", param="prompt", code="prompt_too_large"))
         if not prompt.strip():
             raise self.reject("invalid_value", APIError(400, "the prompt is empty", param="prompt"))
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone UTF-16 surrogate ("\\ud800") is not text any tokenizer can take
+            raise self.reject("invalid_value", APIError(
+                400, f"the prompt is not valid Unicode: {e.reason} at character {e.start} "
+                     f"({prompt[e.start]!a}); send UTF-8 text", param="prompt", code="invalid_value")) from None
         max_tokens = params_kw.get("max_tokens", 16)
         if not 1 <= max_tokens <= st.max_tokens_limit:
             raise self.reject("invalid_value", APIError(400, f"max_tokens must be in [1, {st.max_tokens_limit}], "

@@ -7,10 +7,11 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -31,16 +32,22 @@ class ServingMetrics:
                                 "Requests refused before they reached the engine (bad input, unknown model, "
                                 "context too long), by reason", ["reason"], registry=r)
         self.feedback = Counter("adapterops_feedback_total", "Feedback scores received", registry=r)
-        self.log_failures = Counter("adapterops_prediction_log_failures_total",
-                                    "Records the prediction log refused", registry=r)
+        self.log_failures = _SumCounter()
+        """Records the server could not hand to the prediction log; plus the log's own losses (watch_log)."""
         self.adapters_loaded = Gauge("adapterops_adapters_loaded", "Adapters in the pool", registry=r)
         self.rollout_weight = Gauge("adapterops_rollout_challenger_weight", "Challenger traffic share of a family",
                                     ["family"], registry=r)
         self.adapter_switches = Gauge("adapterops_adapter_switches", "Adapter switches done by the pool", registry=r)
+        r.register(self.log_failures)
 
     def watch_fallbacks(self, routes: Callable[[], dict]) -> None:
         """Export adapterops_fallback_active{family, fallback} from `routes()` (Router.families()) at scrape time."""
         self.registry.register(_FallbackCollector(routes))
+
+    def watch_log(self, log) -> None:
+        """Export adapterops_prediction_log_failures_total: records refused at enqueue plus every record the
+        log lost afterwards (monitoring.store.PredictionLog.failures: queue full, SQLite refused, writer error)."""
+        self.log_failures.sources.append(lambda: getattr(log, "failures", 0))
 
     def observe(self, family: str, version: str, route: str, status: str, latency_s: float,
                 completion_tokens: int = 0) -> None:
@@ -72,3 +79,37 @@ class _FallbackCollector:
         for family, route in sorted(self.routes().items()):
             g.add_metric([family, route.fallback or ""], 1.0 if route.fallback is not None else 0.0)
         yield g
+
+
+class _SumCounter:
+    """A counter whose value is its own increments plus other counts read at scrape time."""
+
+    NAME = "adapterops_prediction_log_failures"
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._own = 0
+        self.sources: list[Callable[[], int]] = []
+
+    def inc(self, amount: int = 1) -> None:
+        with self._lock:
+            self._own += amount
+
+    def value(self) -> float:
+        total = self._own
+        for source in self.sources:
+            try:
+                total += int(source())
+            except Exception:  # a closed log still reports; a broken source must not break /metrics
+                continue
+        return float(total)
+
+    def _family(self, value: float | None = None) -> CounterMetricFamily:
+        return CounterMetricFamily(self.NAME, "Prediction-log records lost (refused at enqueue, dropped on a full "
+                                   "queue, refused by the database or lost to a writer error)", value=value)
+
+    def describe(self):
+        yield self._family()
+
+    def collect(self):
+        yield self._family(self.value())

@@ -1,6 +1,7 @@
 """The HTTP server end to end: uvicorn on 127.0.0.1 in a thread, the tiny base, real LoRA adapters, the real
 prediction log and rollout controller."""
 
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -136,6 +137,12 @@ def test_error_statuses_and_admin_auth(pool, adapters, tmp_path):
         assert err(complete(c, "fam", max_tokens=0), 400)["param"] == "max_tokens"
         assert err(complete(c, "fam", max_tokens=17), 400)["param"] == "max_tokens"
         assert err(complete(c, "fam", n=2), 400)["param"] == "n"
+        # a lone surrogate (valid JSON, not valid Unicode): one clear 400, and the prediction log keeps working
+        lone = json.dumps({"model": "fam", "prompt": "\ud800 x", "max_tokens": 2})
+        r = c.post("/v1/completions", content=lone, headers={"content-type": "application/json"})
+        assert "not valid Unicode" in err(r, 400)["message"]
+        chat = json.dumps({"model": "fam", "messages": [{"role": "user", "content": "hi \udfff"}], "max_tokens": 2})
+        err(c.post("/v1/chat/completions", content=chat, headers={"content-type": "application/json"}), 400)
         assert err(complete(c, "fam", echo=True), 400)["param"] == "echo"
         assert err(complete(c, "fam", temperature=3.0), 400)["param"] == "temperature"
         err(c.post("/v1/chat/completions", json={"model": "fam", "messages": [{"role": "system", "content": "x"}]}),
@@ -153,11 +160,15 @@ def test_error_statuses_and_admin_auth(pool, adapters, tmp_path):
         err(c.post("/admin/adapters/unload", json={"family": "fam", "version": "9"}, headers=AUTH), 404)
         err(c.post("/admin/rollout/start", json={"family": "fam", "challenger": "2"}, headers=AUTH), 409)  # none
 
-        # after all of that the server still serves
-        assert complete(c, "fam").status_code == 200
+        # after all of that the server still serves, and logs
+        after = complete(c, "fam")
+        assert after.status_code == 200
+        state.log.flush()
+        assert [row["request_id"] for row in state.log.query(family="fam")][-1:] == [after.json()["id"]]
         metrics = c.get("/metrics").text
         assert 'adapterops_request_errors_total{family="unknown",type="model_not_found",version="unknown"}' in metrics
         assert 'adapterops_requests_rejected_total{reason="prompt_too_large"} 1.0' in metrics
+        assert "adapterops_prediction_log_failures_total 0.0" in metrics
     state.log.close()
 
 
