@@ -24,7 +24,6 @@ import pytest
 
 from monitoring.store import PredictionLog
 from serving.app import ServerState, create_app
-from serving.pool import AdapterPool
 from serving.rollout import RolloutConfig, RolloutController
 from serving.router import Router
 
@@ -42,7 +41,7 @@ MAX_TOKENS = 4
 ROLLOUT_DEADLINE_S = 60.0
 MODELS = ("fam", "fam", "other", "fam", "base", "fam")
 """What each client cycles through: 2/3 routed family traffic (what the rollouts see), plus a second family and the
-base, so the pool switches adapters between most requests."""
+base, so the engine serves mixed adapters in most batches."""
 SWAPS_BEFORE_BAD, SWAPS_AFTER_BAD = 5, 5
 CHALLENGERS = [str(n) for n in range(2, 2 + SWAPS_BEFORE_BAD + 1 + SWAPS_AFTER_BAD)]
 """Versions rolled out after the first champion "1", in order: 10 good ones and the bad one."""
@@ -52,7 +51,7 @@ FINAL = CHALLENGERS[-1]
 
 # Short steps so that 11 rollouts fit in the test. The final step is 0.5, not 1.0: at promotion the old champion
 # still has half of the family's traffic queued in the server, so its unload races requests routed to it.
-# Latency is dominated by queueing on the pool lock on a shared 2-core box, the same for both arms but noisy; its
+# Latency is dominated by queueing on a shared 2-core box, the same for both arms but noisy; its
 # bounds are wide so that CPU contention from other processes cannot roll back a good version. The bad version is
 # caught by user feedback.
 CONFIG = RolloutConfig(steps=(0.2, 0.5), requests_per_step=12, min_samples=4, latency_p95_ratio=4.0,
@@ -104,15 +103,34 @@ def adapter_dirs(tmp_path_factory) -> dict[str, Path]:
     return dirs
 
 
-@pytest.mark.timeout(300)
-def test_50_clients_10_hot_swaps_and_an_automatic_rollback(adapter_dirs, tmp_path):
+@pytest.fixture(params=["builtin", "vllm"])
+def engine(request):
+    """The same scenario in front of each engine: in process, and a real vLLM server over HTTP."""
+    if request.param == "builtin":
+        from serving.builtin import BuiltinEngine
+
+        eng = BuiltinEngine(BASE, max_loras=8)
+    else:
+        from serving.vllm_engine import VLLMEngine
+
+        server = request.getfixturevalue("vllm_server")
+        eng = VLLMEngine([server.url], BASE, max_lora_rank=server.max_lora_rank)
+    try:
+        yield eng
+    finally:
+        for key in eng.loaded():  # the vLLM server is shared by the session: leave its LoRA slots free
+            eng.unload(key)
+        eng.close()
+
+
+@pytest.mark.timeout(420)
+def test_50_clients_10_hot_swaps_and_an_automatic_rollback(adapter_dirs, engine, tmp_path):
     events: list[tuple] = []
     rollout = RolloutController(tmp_path / "rollout.json", CONFIG,
                                 on_promote=lambda f, v: events.append(("promote", f, v)),
                                 on_rollback=lambda f, v, reason: events.append(("rollback", f, v, reason)))
-    pool = AdapterPool(BASE, max_adapters=8)
-    state = ServerState(pool=pool, router=Router(seed=0), rollout=rollout, log=PredictionLog(tmp_path / "pred.db"),
-                        api_key=KEY, max_tokens_limit=16)
+    state = ServerState(engine=engine, router=Router(seed=0), rollout=rollout,
+                        log=PredictionLog(tmp_path / "pred.db"), api_key=KEY, max_tokens_limit=16)
 
     def version_dir(version: str) -> Path:
         """Every version gets its own directory (a real load of new files), copied from one of the sources."""
@@ -247,7 +265,7 @@ def test_50_clients_10_hot_swaps_and_an_automatic_rollback(adapter_dirs, tmp_pat
         route = fam_route()
         assert (route["champion"], route["challenger"], route["weight"], route["fallback"]) == (FINAL, None, 0.0, None)
         assert route["versions"] == [FINAL] and route["loaded"] == [FINAL]
-        assert sorted(pool.loaded()) == sorted([f"fam@{FINAL}", "other@1"])
+        assert sorted(engine.loaded()) == sorted([f"fam@{FINAL}", "other@1"])
         assert admin.get("/readyz").status_code == 200
         for prompt in PROMPTS:
             r = admin.post("/v1/completions", json={"model": "fam", "prompt": prompt, "max_tokens": MAX_TOKENS})
