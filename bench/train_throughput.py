@@ -89,7 +89,7 @@ def _peak_gib(device: str):
 
 
 def ours(args, rows, pad_id, *, packing: bool, dora: str | None = None, fast: bool = False,
-         batch_size: int | None = None, profile: bool = False) -> dict:
+         batch_size: int | None = None, profile: bool = False, liger_layers: str = "auto") -> dict:
     """Our trainer's step loop (the functions pipelines.train.run uses) on a fresh model; dora: "fast" (ours, the
     trainer's default) or "peft" (PEFT's own DoRA forward); fast: pipelines.fast_train's CUDA path as run() turns it
     on (on the CPU, only its varlen attention, through the reference kernel); profile: a torch.profiler table of
@@ -107,12 +107,17 @@ def ours(args, rows, pad_id, *, packing: bool, dora: str | None = None, fast: bo
     model = train.prepare_precision(model, precision)
     fp = None
     if fast:
-        fp = fast_train.enable(model, device, precision=precision,
+        fp = fast_train.enable(model, device, precision=precision, liger_layers=liger_layers,
                                attention="auto" if device.startswith("cuda") else "varlen")
     model.train()
     opt = train.make_optimizer(model, 1e-4)
     batches = train.BatchSource(rows, cfg, pad_id, device)
+    if fp is not None and fp.compiled:
+        batches.width = cfg.max_len  # as pipelines.train.run does: one shape every step
     _reset_peak(device)
+    from torch._dynamo.utils import counters
+
+    breaks0, graphs0 = dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
     real = padded = 0
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
@@ -127,6 +132,10 @@ def ours(args, rows, pad_id, *, packing: bool, dora: str | None = None, fast: bo
               "final_loss": out["loss"], "rows": cfg.batch_size, "steps": args.steps}
     if fp is not None:
         result["fast_path"] = fp.describe()
+        breaks = {k: v - breaks0.get(k, 0) for k, v in counters["graph_break"].items() if v > breaks0.get(k, 0)}
+        result["graphs_compiled"] = counters["stats"]["unique_graphs"] - graphs0  # all steps, warm-up included
+        result["graph_breaks"] = sum(breaks.values())
+        result["graph_break_reasons"] = [k[:200] for k in sorted(breaks, key=breaks.get, reverse=True)[:3]]
     if profile:
         result["profile"] = _profile(lambda: train.train_step(model, opt, batches, 1), device)
     del model, opt
@@ -181,9 +190,13 @@ def liger_compile(args, batch: int) -> dict:
 
     from pipelines import fast_train
 
+    import sys
+
     gpu = args.device.startswith("cuda")
     base = build_model(args.model, args.device, torch.bfloat16 if gpu else torch.float32)
     notes = []
+    modeling = sys.modules[type(base).__module__]
+    saved = dict(vars(modeling))  # Liger rebinds module names (RoPE, RMSNorm, MLP): put back after this case
     if gpu and fast_train.liger_available() is None:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
@@ -223,6 +236,9 @@ def liger_compile(args, batch: int) -> dict:
            batch * args.max_len * args.steps, "peak_gib": _peak_gib(args.device), "final_loss": float(loss.detach()),
            "rows": batch, "steps": args.steps, "notes": notes}
     del model, opt, base
+    for name, value in saved.items():
+        if vars(modeling).get(name) is not value:
+            setattr(modeling, name, value)
     return out
 
 
@@ -342,31 +358,40 @@ def versus_liger(args, rows, tok, lengths) -> dict:
         if gpu:
             torch.cuda.empty_cache()
 
-    plan = [("ours_fast", dict(packing=True, fast=True, profile=args.profile)),
-            ("ours_fast_dora", dict(packing=True, fast=True, dora="fast")),
-            ("ours_plain", dict(packing=True))]
-    for name, kw in plan:
-        if args.only and name not in args.only:
-            continue
+    def wanted(base):
+        return not args.only or base in args.only
+
+    def attempt(name, fn, seq_len):
         try:
-            record(name, ours(args, rows, tok.pad_token_id, **kw), ctx)
+            record(name, fn(), seq_len)
         except Exception as e:  # keep the other cases: a broken one is a result too
             cases[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             print(f"  {name}: FAILED {cases[name]['error']}", flush=True)
             gc.collect()
             if gpu:
                 torch.cuda.empty_cache()
+
+    pad = tok.pad_token_id
+    for i, b in enumerate(args.ours_batches):  # ours at each token budget; the best one is compared
+        if wanted("ours_fast"):
+            attempt(f"ours_fast_r{b}", lambda: ours(args, rows, pad, packing=True, fast=True, batch_size=b,
+                                                     profile=args.profile and i == 0), ctx)
+    fast_ok = {k: c for k, c in cases.items() if k.startswith("ours_fast_r") and "error" not in c}
+    best_rows = (max(fast_ok.values(), key=lambda c: c["useful_tok_s"])["rows"] if fast_ok
+                 else args.ours_batches[0])
+    if wanted("ours_fast_dora"):
+        attempt(f"ours_fast_dora_r{best_rows}", lambda: ours(args, rows, pad, packing=True, fast=True, dora="fast",
+                                                              batch_size=best_rows), ctx)
+    if wanted("ours_fast_liger_layers"):  # the previous fast path: Liger's kernels inside the compiled layers
+        attempt(f"ours_fast_liger_layers_r{args.ours_batches[0]}",
+                lambda: ours(args, rows, pad, packing=True, fast=True, liger_layers="on",
+                             batch_size=args.ours_batches[0]), ctx)
+    if wanted("ours_plain"):
+        attempt(f"ours_plain_r{args.ours_batches[0]}",
+                lambda: ours(args, rows, pad, packing=True, batch_size=args.ours_batches[0]), ctx)
     for b in args.liger_batches:
-        if args.only and "liger_compile" not in args.only:
-            continue
-        try:
-            record(f"liger_compile_b{b}", liger_compile(args, b), args.max_len)
-        except Exception as e:
-            cases[f"liger_compile_b{b}"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-            print(f"  liger_compile_b{b}: FAILED {cases[f'liger_compile_b{b}']['error']}", flush=True)
-            gc.collect()
-            if gpu:
-                torch.cuda.empty_cache()
+        if wanted("liger_compile"):
+            attempt(f"liger_compile_b{b}", lambda: liger_compile(args, b), args.max_len)
     ok = {k: c for k, c in cases.items() if "error" not in c}
     liger = [c for k, c in ok.items() if k.startswith("liger_compile")]
     best = max(liger, key=lambda c: c["useful_tok_s"]) if liger else None
@@ -374,31 +399,56 @@ def versus_liger(args, rows, tok, lengths) -> dict:
     def val(name, key="useful_tok_s"):
         return ok.get(name, {}).get(key)
 
+    fast = {k: c for k, c in ok.items() if k.startswith("ours_fast_r")}
+    best_ours_name = max(fast, key=lambda k: fast[k]["useful_tok_s"]) if fast else None
+    best_ours = fast.get(best_ours_name) if best_ours_name else None
     ratios = []
-    if best and val("ours_fast"):
-        ratios.append(ratio("useful_tok_s_vs_liger_compile", val("ours_fast"), best["useful_tok_s"],
-                            f"ours (fast path, packed real rows) vs PEFT + Liger + compile at its best batch "
+    if best and best_ours:
+        ratios.append(ratio("useful_tok_s_vs_liger_compile", best_ours["useful_tok_s"], best["useful_tok_s"],
+                            f"ours (fast path, packed real rows, best of {sorted(c['rows'] for c in fast.values())} "
+                            f"rows: {best_ours['rows']}) vs PEFT + Liger + compile at its best batch "
                             f"({best['rows']} full rows); target >= 1.0"))
-    if best and val("ours_plain"):
-        ratios.append(ratio("useful_tok_s_vs_liger_compile_plain_path", val("ours_plain"), best["useful_tok_s"],
-                            "ours with the fast path off"))
-    if val("ours_fast") and val("ours_plain"):
-        ratios.append(ratio("fast_path_speedup", val("ours_fast"), val("ours_plain"), "ours fast vs ours plain"))
-    if val("ours_fast", "mfu"):
-        ratios.append({"ratio": "mfu", "value": round(val("ours_fast", "mfu"), 4),
-                       "note": f"ours fast path, model FLOPs / measured bf16 matmul peak {peak:.0f} TFLOP/s; "
-                               "target >= 0.40"})
+    plain_name = f"ours_plain_r{args.ours_batches[0]}"
+    same_rows = f"ours_fast_r{args.ours_batches[0]}"
+    if best and val(plain_name):
+        ratios.append(ratio("useful_tok_s_vs_liger_compile_plain_path", val(plain_name), best["useful_tok_s"],
+                            f"ours with the fast path off ({args.ours_batches[0]} rows)"))
+    if val(same_rows) and val(plain_name):
+        ratios.append(ratio("fast_path_speedup", val(same_rows), val(plain_name),
+                            f"ours fast vs ours plain, {args.ours_batches[0]} rows each"))
+    old_fast = f"ours_fast_liger_layers_r{args.ours_batches[0]}"
+    if val(same_rows) and val(old_fast):
+        ratios.append(ratio("fast_path_vs_liger_in_layers", val(same_rows), val(old_fast),
+                            "this fast path (Inductor fuses norm/RoPE/SwiGLU, fused LoRA linears) vs Liger's kernels "
+                            f"inside the compiled layers, {args.ours_batches[0]} rows each"))
+    if best_ours and best_ours.get("mfu"):
+        ratios.append({"ratio": "mfu", "value": round(best_ours["mfu"], 4),
+                       "note": f"ours fast path ({best_ours['rows']} rows), model FLOPs / measured bf16 matmul peak "
+                               f"{peak:.0f} TFLOP/s; target >= 0.40"})
     if best and best.get("mfu"):
         ratios.append({"ratio": "mfu_liger_compile", "value": round(best["mfu"], 4), "note": "the library stack"})
-    if val("ours_fast_dora") and val("ours_fast"):
-        ratios += [ratio("dora_speed_ratio", val("ours_fast_dora"), val("ours_fast"), "fast path both; target >= 0.85"),
-                   ratio("dora_memory_ratio", val("ours_fast_dora", "peak_gib"), val("ours_fast", "peak_gib"),
+    dora_name = next((k for k in ok if k.startswith("ours_fast_dora_r")), None)
+    if dora_name and val(f"ours_fast_r{ok[dora_name]['rows']}"):
+        ref = f"ours_fast_r{ok[dora_name]['rows']}"
+        ratios += [ratio("dora_speed_ratio", val(dora_name), val(ref),
+                         f"fast path both, {ok[dora_name]['rows']} rows; target >= 0.85"),
+                   ratio("dora_memory_ratio", val(dora_name, "peak_gib"), val(ref, "peak_gib"),
                          "peak allocated, same rows; target <= 1.2")]
-    label = {"ours_fast": "ours, packed real rows, fast path", "ours_plain": "ours, packed real rows, plain path",
-             "ours_fast_dora": "ours, packed real rows, fast path, DoRA (pipelines.fast_dora)"}
+
+    def label_of(k):
+        rows_part = k.rsplit("_r", 1)[-1]
+        for prefix, text in (("ours_fast_dora", "ours, packed real rows, fast path, DoRA (pipelines.fast_dora)"),
+                             ("ours_fast_liger_layers", "ours, packed real rows, previous fast path (Liger "
+                                                        "kernels inside the compiled layers)"),
+                             ("ours_fast", "ours, packed real rows, fast path"),
+                             ("ours_plain", "ours, packed real rows, plain path")):
+            if k.startswith(prefix):
+                return f"{text}, {rows_part} rows"
+        return f"PEFT + Liger + compile, {k.rsplit('_b', 1)[-1]} full rows"
+
     rows_out = []
     for k, c in cases.items():
-        name = f"{args.model} LoRA r16: " + label.get(k, f"PEFT + Liger + compile, {k.rsplit('_b', 1)[-1]} full rows")
+        name = f"{args.model} LoRA r16: " + label_of(k)
         if "error" in c:
             rows_out.append({"case": name, "median_s": None, "min_s": None, "repeats": 0, "error": c["error"][:300]})
             continue
@@ -407,17 +457,20 @@ def versus_liger(args, rows, tok, lengths) -> dict:
                             peak_gib=c["peak_gib"], mfu=round(c["mfu"], 4) if c.get("mfu") else None,
                             loss=round(c["final_loss"], 4)))
     notes = [f"{args.model} shape, random weights, LoRA r16 on all seven linear kinds, bf16; {args.warmup} warm-up + "
-             f"{args.steps} timed steps per case; ours: {args.batch_size} packed rows of {args.max_len} tokens from "
+             f"{args.steps} timed steps per case; ours: {args.ours_batches} packed rows of {args.max_len} tokens from "
              f"{len(rows)} real examples (mean {mean_len:.0f} tokens); the library stack: synthetic full "
              f"{args.max_len}-token rows.",
              "MFU: 4 x matmul parameters per token (output layer counted at every position for both) + causal "
              f"attention at each token's own example length (ours: {ctx:.0f} on average; full rows: "
              f"{args.max_len}); peak = measured {args.device} bf16 8192^3 matmul"
              + (f" {peak:.0f} TFLOP/s." if peak else "."),
-             *[f"{k}: {c['fast_path']}" for k, c in cases.items() if "fast_path" in c]]
-    if ok.get("ours_fast", {}).get("profile"):
-        notes.append("Profile of ours, fast path (2 steps, by self device time):\n```\n"
-                     + ok["ours_fast"]["profile"] + "\n```")
+             *[f"{k}: {c['fast_path']}; graphs compiled {c.get('graphs_compiled')}, graph breaks "
+               f"{c.get('graph_breaks')} {c.get('graph_break_reasons') or ''}" for k, c in cases.items()
+               if "fast_path" in c]]
+    prof = next((c for k, c in ok.items() if c.get("profile")), None)
+    if prof:
+        notes.append(f"Profile of ours, fast path, {prof['rows']} rows (2 steps, by self device time):\n```\n"
+                     + prof["profile"] + "\n```")
     return {"rows": rows_out, "ratios": ratios, "notes": notes}
 
 
@@ -431,8 +484,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--liger-batches", default=None, help="comma-separated full-row batches for the library stack "
                                                          "(its best is compared; default 16,32 on cuda)")
     p.add_argument("--only", default="", help="liger suite: comma-separated cases to run (ours_fast, ours_fast_dora, "
-                                              "ours_plain, liger_compile); default all")
+                                              "ours_fast_liger_layers, ours_plain, liger_compile); default all")
+    p.add_argument("--ours-batches", default=None, help="liger suite: comma-separated packed-row counts for ours "
+                                                        "fast path (its best is compared; default --batch-size)")
     p.add_argument("--partial", default=None, help="also write the cases as they finish to this JSON file")
+    p.add_argument("--suffix", default="", help="liger suite: appended to the result's name (a second run of other "
+                                               "cases beside the main one)")
     p.add_argument("--profile", action="store_true", help="liger suite: a torch.profiler table of ours, fast path")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--batch-size", type=int, default=None, help="rows per step (default 8 on cuda, 4 on cpu)")
@@ -451,6 +508,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.only = [c for c in args.only.split(",") if c]
     args.suite = args.suite or ("liger" if gpu else "trainer")
     args.liger_batches = [int(b) for b in (args.liger_batches or ("16,32" if gpu else "2")).split(",")]
+    args.ours_batches = [int(b) for b in (args.ours_batches or str(args.batch_size)).split(",")]
 
     import torch
     from transformers import AutoTokenizer
@@ -464,7 +522,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.suite == "liger":
         out = versus_liger(args, rows, tok, lengths)
-        name = f"{NAME}_{'cuda' if gpu else 'cpu'}_{args.model}"
+        name = f"{NAME}_{'cuda' if gpu else 'cpu'}_{args.model}{args.suffix}"
         result = {"title": f"Training throughput vs PEFT + Liger + compile ({'GPU' if gpu else 'CPU'}, {args.model})",
                   "description": versus_liger.__doc__.replace("\n", " "),
                   "command": " ".join(["python -m bench.run", NAME, *(argv or [])]), **out}

@@ -16,12 +16,23 @@ or bitsandbytes.
   On a device without flash attention (the CPU) "varlen" runs each example through sdpa, so the same code is tested
   there.
 - torch.compile of each decoder layer (regional compilation: one graph, reused by every layer, no graph break from
-  the loss's data-dependent indexing).
+  the loss's data-dependent indexing). Under compile, Liger's in-layer kernels (RoPE, RMSNorm, SwiGLU) are left out
+  by default (`liger_layers="auto"`): Inductor fuses the same math with its neighbours (the residual adds, the LoRA
+  adds) and Liger's autograd Functions would break the graph; they are used when the layers are not compiled.
+- Fused LoRA linears (`fuse_lora`): each plain LoRA layer (one active adapter, no dropout, nn.Linear base) runs as
+  one autograd Function: y = x W^T, then y += s (x A^T) B^T inside the matmul (addmm, no separate [tokens, out]
+  temporary and add), and in the backward dx = g W + (s g B) A likewise accumulated in one matmul. Same function and
+  gradients as PEFT's forward (tested on the CPU in fp32).
+- Liger's patching functions also replace module-level names of the model's modeling file (apply_rotary_pos_emb,
+  LlamaRMSNorm, LlamaMLP): every model built later in the process would get them, on the CPU too. Those names are
+  restored right after patching; RoPE goes to this instance's attention modules only.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
+import types
 from dataclasses import dataclass, field
 
 VARLEN = "adapterops_varlen"
@@ -36,12 +47,14 @@ class FastPath:
     device: str = "cpu"
     liger: bool = False
     fused_loss: bool = False
+    fused_lora: int = 0
     compiled: bool = False
     attention: str = "sdpa"
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
-        on = [name for name, v in (("liger kernels", self.liger), ("fused output+loss", self.fused_loss),
+        on = [name for name, v in (("liger kernels in layers", self.liger), ("fused output+loss", self.fused_loss),
+                                   (f"fused LoRA linears ({self.fused_lora})", self.fused_lora),
                                    ("torch.compile per layer", self.compiled)) if v]
         on.append(f"attention={self.attention}")
         off = f"; off: {'; '.join(self.notes)}" if self.notes else ""
@@ -80,11 +93,27 @@ def cu_seqlens(position_ids):
     return torch.cat([starts, end]).to(torch.int32)
 
 
-def _varlen_kernel():
-    from torch.nn.attention.varlen import varlen_attn
+def max_seqlen_bucket(cu, width: int, step: int = 128) -> int:
+    """The longest sequence of cumulative bounds `cu` (a CPU tensor), rounded up to `step` and capped at `width`:
+    flash attention's varlen grid is sized by it (a block per `step` query tokens of every sequence), so the row
+    width (1024) instead of the real longest example (~500) launches twice the blocks, most of them empty. Rounding
+    keeps the compiled layers to a few distinct values."""
+    longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else width
+    return min(width, -(-longest // step) * step)
 
-    params = inspect.signature(varlen_attn).parameters
-    return varlen_attn, params
+
+_VARLEN: dict = {}
+
+
+def _varlen_kernel():
+    """(kernel, fixed keyword arguments): resolved once, outside any compiled graph (inspect would break it)."""
+    if not _VARLEN:
+        from torch.nn.attention.varlen import varlen_attn
+
+        params = inspect.signature(varlen_attn).parameters
+        _VARLEN.update(kernel=varlen_attn, gqa="enable_gqa" in params, causal="is_causal" in params,
+                       scale="scale" in params)
+    return _VARLEN
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -106,24 +135,24 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     q = query.transpose(1, 2).reshape(b * s, h, d)
     k = key.transpose(1, 2).reshape(b * s, hkv, d)
     v = value.transpose(1, 2).reshape(b * s, hkv, d)
-    if query.is_cuda and varlen_available() is None:
-        kernel, params = _varlen_kernel()
+    if query.is_cuda and _VARLEN:
+        cfg = _VARLEN
         extra = {}
         if hkv != h:
-            if "enable_gqa" in params:
+            if cfg["gqa"]:
                 extra["enable_gqa"] = True
             else:
                 k = k.repeat_interleave(h // hkv, dim=1)
                 v = v.repeat_interleave(h // hkv, dim=1)
-        if "is_causal" in params:
+        if cfg["causal"]:
             extra["is_causal"] = True
         else:
             extra["window_size"] = (-1, 0)
-        if scaling is not None and "scale" in params:
+        if scaling is not None and cfg["scale"]:
             extra["scale"] = scaling
-        # max_length: the row width bounds every example; a fixed bound keeps compiled graphs from specialising
-        m = int(max_length_q) if max_length_q is not None else s
-        out = kernel(q, k, v, cu_seq_lens_q, cu_seq_lens_q, m, m, **extra)
+        # max_length: the longest packed example (bucketed, see max_seqlen_bucket), else the row width
+        m = max_length_q if max_length_q is not None else s
+        out = cfg["kernel"](q, k, v, cu_seq_lens_q, cu_seq_lens_q, m, m, **extra)
     else:  # reference path (CPU): each example through sdpa, causal
         out = torch.empty_like(q)
         bounds = cu_seq_lens_q.tolist()
@@ -140,6 +169,8 @@ def register_varlen() -> None:
     """Make VARLEN a transformers attention implementation (no mask: the sequence bounds come from position ids)."""
     from transformers import AttentionInterface
 
+    if varlen_available() is None:
+        _varlen_kernel()
     AttentionInterface.register(VARLEN, varlen_attention_forward)
     try:
         from transformers.masking_utils import AttentionMaskInterface
@@ -160,19 +191,128 @@ def set_attention(model, attention: str) -> None:
         c._attn_implementation = impl
 
 
+def _with_globals(fn, overrides: dict):
+    """A copy of function `fn` that reads `overrides` in place of its module's globals of the same names."""
+    g = dict(fn.__globals__)
+    g.update(overrides)
+    new = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__qualname__ = fn.__qualname__
+    return new
+
+
 def apply_liger(model) -> str | None:
-    """Patch Liger's RoPE, RMSNorm and SwiGLU into the model instance; None on success, else why not."""
+    """Patch Liger's RoPE, RMSNorm and SwiGLU into this model instance only; None on success, else why not.
+
+    Liger's own patching also rebinds names in the model's modeling module (the RoPE function, the RMSNorm and MLP
+    classes), which every model built later in the process would pick up (a CPU model then runs Triton kernels):
+    those names are put back at once, and RoPE is bound to this instance's attention modules instead."""
     why = liger_available()
     if why:
         return why
+    lm = _lm(model)
+    modeling = sys.modules.get(type(lm).__module__)
+    before = dict(vars(modeling)) if modeling is not None else {}
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-        _apply_liger_kernel_to_instance(model=_lm(model), rope=True, rms_norm=True, swiglu=True,
+        _apply_liger_kernel_to_instance(model=lm, rope=True, rms_norm=True, swiglu=True,
                                         cross_entropy=False, fused_linear_cross_entropy=False)
     except Exception as e:
         return f"liger kernels not applied ({type(e).__name__}: {e})"
+    finally:
+        changed = {}
+        if modeling is not None:
+            for name, value in list(vars(modeling).items()):
+                if name in before and before[name] is not value:
+                    changed[name] = value
+                    setattr(modeling, name, before[name])
+    rope = changed.get("apply_rotary_pos_emb")
+    if rope is not None:
+        for module in lm.modules():
+            fwd = getattr(type(module), "forward", None)
+            code = getattr(fwd, "__code__", None)
+            if code is not None and "apply_rotary_pos_emb" in code.co_names and fwd.__globals__ is vars(modeling):
+                module.forward = types.MethodType(_with_globals(fwd, {"apply_rotary_pos_emb": rope}), module)
     return None
+
+
+def _lora_function():
+    import torch
+
+    class LoraLinear(torch.autograd.Function):
+        """y = x W^T (+ b) + s (x A^T) B^T with the adapter term accumulated inside the second matmul (addmm), and
+        dx = g W + (s g B) A likewise; W (and b) frozen. x [..., in]; W [out, in]; A [r, in]; B [out, r]."""
+
+        @staticmethod
+        def forward(ctx, x, weight, bias, A, B, scaling: float):
+            x2 = x.reshape(-1, x.shape[-1])
+            u = torch.mm(x2, A.t())
+            y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+            y = torch.addmm(y, u, B.t(), alpha=scaling)
+            ctx.save_for_backward(x2, u, weight, A, B)
+            ctx.scaling = scaling
+            ctx.in_shape = x.shape
+            return y.view(*x.shape[:-1], y.shape[-1])
+
+        @staticmethod
+        def backward(ctx, g):
+            x2, u, weight, A, B = ctx.saved_tensors
+            s = ctx.scaling
+            g2 = g.reshape(-1, g.shape[-1])
+            gu = torch.mm(g2, B) * s
+            grad_B = torch.mm(g2.t(), u) * s
+            grad_A = torch.mm(gu.t(), x2)
+            dx = None
+            if ctx.needs_input_grad[0]:
+                dx = torch.addmm(torch.mm(g2, weight), gu, A).view(ctx.in_shape)
+            return dx, None, None, grad_A, grad_B, None
+
+    return LoraLinear
+
+
+def _fused_lora_forward(self, x, *args, **kwargs):
+    """PEFT LoRA Linear forward through LoraLinear when it is the plain case (one active adapter, no DoRA, no
+    dropout in training, not merged, frozen nn.Linear base); anything else goes to PEFT's forward."""
+    import torch
+
+    active = self.active_adapters
+    if args or kwargs or self.disable_adapters or self.merged or len(active) != 1:
+        return self._fused_lora_peft_forward(x, *args, **kwargs)
+    name = active[0]
+    dropout = self.lora_dropout[name] if name in self.lora_dropout else None
+    if (name not in self.lora_A or name in getattr(self, "lora_variant", {})
+            or not (isinstance(dropout, torch.nn.Identity) or not self.training)):
+        return self._fused_lora_peft_forward(x, *args, **kwargs)
+    base = self.base_layer
+    w = base.weight
+    dt = w.dtype  # the frozen weight's dtype is the compute dtype (bf16 under the trainer's autocast)
+    A = self.lora_A[name].weight.to(dt)
+    B = self.lora_B[name].weight.to(dt)
+    bias = base.bias.to(dt) if base.bias is not None else None
+    return self._fused_lora_fn.apply(x.to(dt), w, bias, A, B, float(self.scaling[name]))
+
+
+def fuse_lora(model) -> int:
+    """Route every plain LoRA Linear of a PEFT model through the fused Function (see module doc); returns how many.
+    Layers whose base is not a plain frozen nn.Linear (quantized, fan_in_fan_out, trainable base) keep PEFT's."""
+    import torch
+
+    fn, n = _lora_function(), 0
+    for module in model.modules():
+        if not (hasattr(module, "lora_A") and hasattr(module, "base_layer")) or hasattr(module, "_fused_lora_fn"):
+            continue
+        base = module.get_base_layer()
+        if (type(base) is not torch.nn.Linear or getattr(module, "fan_in_fan_out", False)
+                or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)):
+            continue
+        if getattr(module, "lora_magnitude_vector", None) and len(module.lora_magnitude_vector):
+            continue  # DoRA: pipelines.fast_dora's forward
+        module._fused_lora_fn = fn
+        module._fused_lora_peft_forward = module.forward
+        module.forward = types.MethodType(_fused_lora_forward, module)
+        n += 1
+    return n
 
 
 def decoder_layers(model):
@@ -195,11 +335,12 @@ def compile_layers(model) -> str | None:
 
 
 def enable(model, device: str, *, fast_kernels: str = "auto", compile: str = "auto", attention: str = "auto",
-           precision: str = "bf16", log=print) -> FastPath:
+           precision: str = "bf16", liger_layers: str = "auto", log=print) -> FastPath:
     """Turn on what can run; never raises for a part that cannot (it stays plain, with a note). "on" asks for a
-    part even where auto would not (still only on CUDA: the kernels and compile are for the GPU)."""
+    part even where auto would not (still only on CUDA: the kernels and compile are for the GPU). liger_layers:
+    Liger's RoPE/RMSNorm/SwiGLU inside the decoder layers; auto = only when the layers are not compiled."""
     for name, value, allowed in (("fast_kernels", fast_kernels, SWITCH), ("compile", compile, SWITCH),
-                                 ("attention", attention, ATTENTION)):
+                                 ("attention", attention, ATTENTION), ("liger_layers", liger_layers, SWITCH)):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
     fp = FastPath(device=device)
@@ -208,11 +349,16 @@ def enable(model, device: str, *, fast_kernels: str = "auto", compile: str = "au
         if not cuda:
             fp.notes.append("liger kernels: not a CUDA device")
         else:
-            why = apply_liger(model)
+            why = liger_available()
+            in_layers = liger_layers == "on" or (liger_layers == "auto" and compile == "off")
+            if not why and in_layers:
+                why = apply_liger(model)
             if why:
                 fp.notes.append(why)
             else:
-                fp.liger = fp.fused_loss = True
+                fp.fused_loss = True
+                fp.liger = in_layers
+            fp.fused_lora = fuse_lora(model)
     if attention == "auto":
         attention = ("varlen" if varlen_available() is None else "flex") if cuda and precision == "bf16" else "sdpa"
     if attention == "varlen" and cuda and precision != "bf16":
@@ -231,6 +377,15 @@ def enable(model, device: str, *, fast_kernels: str = "auto", compile: str = "au
         if not cuda:
             fp.notes.append("torch.compile: not a CUDA device")
         else:
+            import torch
+
+            # a layer's graphs: input with / without grad (the first layer's input is the frozen embedding's output),
+            # training / evaluation, a few sequence bounds; the default limit (8) would send some of them to eager
+            dyn = torch._dynamo.config
+            for knob in ("recompile_limit", "cache_size_limit"):
+                if hasattr(dyn, knob):
+                    setattr(dyn, knob, max(getattr(dyn, knob), 32))
+                    break
             why = compile_layers(model)
             if why:
                 fp.notes.append(why)

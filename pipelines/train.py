@@ -207,13 +207,14 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int):
     return ids, labels, mask
 
 
-def collate_packed(packed: list[list[tuple[list[int], list[int]]]], pad_id: int):
+def collate_packed(packed: list[list[tuple[list[int], list[int]]]], pad_id: int, width: int | None = None):
     """Several examples per row: (ids, labels, position ids, real-token count). Position ids restart at 0 for each
     example, which is how transformers recognises packed sequences (attention_mask=None) and keeps them apart; the
-    padded tail of a row (if any) is one more sequence of its own with no labels."""
+    padded tail of a row (if any) is one more sequence of its own with no labels. `width`: at least this many
+    columns (a fixed shape for compiled layers)."""
     import torch
 
-    width = max(sum(len(x) for x, _ in row) for row in packed)
+    width = max(width or 0, max(sum(len(x) for x, _ in row) for row in packed))
     ids = torch.full((len(packed), width), pad_id, dtype=torch.long)
     labels = torch.full((len(packed), width), -100, dtype=torch.long)
     pos = torch.zeros((len(packed), width), dtype=torch.long)
@@ -241,34 +242,49 @@ def _lm_parts(model):
     return decoder, head
 
 
-def batch_loss(model, ids, labels, mask=None, position_ids=None):
+def batch_loss(model, ids, labels, mask=None, position_ids=None, meta=None):
     """Sum of response-token NLL and the token count (so means are exact across batches).
 
-    The output layer (vocabulary-sized) runs only at the positions that predict a response token."""
+    The output layer (vocabulary-sized) runs only at the positions that predict a response token. `meta` (packed
+    batches, from BatchSource): the loss positions, their targets and the examples' bounds computed on the CPU, so
+    that the step needs no device-to-host copy (the same rows in the same order as the boolean mask would pick)."""
     import torch
 
     from pipelines import fast_train
 
-    target = labels[:, 1:]
-    keep = target != -100
+    meta = meta or {}
     parts = _lm_parts(model)
     fast = fast_train.state(model)
     extra = {}
     if fast is not None and fast.attention == "varlen" and position_ids is not None:
         # the packed examples' bounds, once per batch for every layer (flash attention's varlen form)
-        extra = {"cu_seq_lens_q": fast_train.cu_seqlens(position_ids), "max_length_q": ids.shape[1]}
+        cu = meta.get("cu_seqlens")
+        extra = {"cu_seq_lens_q": cu if cu is not None else fast_train.cu_seqlens(position_ids),
+                 "max_length_q": meta.get("max_seqlen", ids.shape[1])}
+    if "loss_index" in meta:
+        index, tgt, n = meta["loss_index"], meta["loss_target"], meta["n_loss"]
+
+        def pick(h):
+            return h.reshape(-1, h.shape[-1]).index_select(0, index)
+    else:
+        target = labels[:, 1:]
+        keep = target != -100
+        tgt, n = target[keep], None
+
+        def pick(h):
+            return h[:, :-1][keep]
     if parts is None:
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                       use_cache=False, **extra).logits[:, :-1][keep]
+        logits = pick(model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                            use_cache=False, **extra).logits)
     else:
         decoder, head = parts
         hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                          use_cache=False, **extra).last_hidden_state  # a KV cache would also turn off packed masking
         if fast is not None and fast.fused_loss:
-            return fast_train.fused_head_loss(head, hidden[:, :-1][keep], target[keep]), int(keep.sum())
-        logits = head(hidden[:, :-1][keep])
-    loss = torch.nn.functional.cross_entropy(logits.float(), target[keep], reduction="sum")
-    return loss, int(keep.sum())
+            return fast_train.fused_head_loss(head, pick(hidden), tgt), n if n is not None else int(keep.sum())
+        logits = head(pick(hidden))
+    loss = torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="sum")
+    return loss, n if n is not None else int(keep.sum())
 
 
 def eval_loss(model, rows, pad_id: int, batch_size: int = 16) -> float:
@@ -388,47 +404,86 @@ def health_report(peft_model, initial, cfg: TrainConfig, rank: int, train_loss: 
 
 class BatchSource:
     """The training data order: length-grouped batches or packed rows, reshuffled each epoch from a seeded RNG.
-    Its whole state (rng + queue) is JSON, so a checkpoint can restore the exact order."""
+    Its whole state (rng + queue) is JSON, so a checkpoint can restore the exact order. `width`: packed rows get at
+    least this many columns (set for compiled layers: one shape every step)."""
 
     def __init__(self, rows: list[tuple[list[int], list[int]]], cfg: TrainConfig, pad_id: int, device: str = "cpu"):
         self.rows, self.cfg, self.pad_id, self.device = rows, cfg, pad_id, device
         self.lengths = [len(ids) for ids, _ in rows]
         self.rng = random.Random(cfg.seed)
         self.queue: list = []
+        self.width: int | None = None
+
+    def _to(self, t):
+        if str(self.device).startswith("cuda"):
+            return t.pin_memory().to(self.device, non_blocking=True)  # no wait on the work already queued
+        return t.to(self.device)
 
     def __next__(self):
-        """(ids, labels, attention mask or None, position ids or None, real tokens, padded tokens)."""
+        """(ids, labels, attention mask or None, position ids or None, real tokens, padded tokens, meta); meta (packed
+        rows): loss positions, targets, count and the examples' bounds, computed here on the CPU (see batch_loss)."""
         cfg = self.cfg
         if not self.queue:
             self.queue = (packed_batches(self.lengths, cfg.batch_size, cfg.max_len, self.rng) if cfg.packing
                           else length_grouped_batches(self.lengths, cfg.batch_size, self.rng))
         batch = self.queue.pop()
         if cfg.packing:
-            ids, labels, pos, real = collate_packed([[self.rows[i] for i in row] for row in batch], self.pad_id)
-            return ids.to(self.device), labels.to(self.device), None, pos.to(self.device), real, ids.numel()
+            from pipelines.fast_train import cu_seqlens, max_seqlen_bucket
+
+            ids, labels, pos, real = collate_packed([[self.rows[i] for i in row] for row in batch], self.pad_id,
+                                                    self.width)
+            target = labels[:, 1:]
+            keep = target != -100
+            b, t = keep.nonzero(as_tuple=True)
+            cu = cu_seqlens(pos)
+            meta = {"loss_index": self._to(b * ids.shape[1] + t), "loss_target": self._to(target[keep]),
+                    "n_loss": int(b.numel()), "cu_seqlens": self._to(cu),
+                    "max_seqlen": max_seqlen_bucket(cu, ids.shape[1])}
+            return self._to(ids), self._to(labels), None, self._to(pos), real, ids.numel(), meta
         ids, labels, mask = collate([self.rows[i] for i in batch], self.pad_id)
         return (ids.to(self.device), labels.to(self.device), mask.to(self.device), None, int(mask.sum()),
-                ids.numel())
+                ids.numel(), {})
 
 
 def train_step(model, opt, batches: BatchSource, grad_accum: int, max_grad_norm: float = 1.0) -> dict:
     """One optimizer step over `grad_accum` micro-batches (mean response-token loss). The step is not applied when
-    the loss is not finite. Returns loss, loss tokens, real (non-pad) and padded token counts."""
+    the loss is not finite. Returns loss, loss tokens, real (non-pad) and padded token counts.
+
+    With a fused optimizer on the GPU the finiteness check runs on the device (the optimizer's found_inf skips the
+    update) and the loss is read once, after the whole step is queued: no device-to-host wait inside the step."""
     import torch
 
     opt.zero_grad(set_to_none=True)
     loss_total, loss_tokens, real, padded = 0.0, 0, 0, 0
+    sums = []
+    on_device = bool(getattr(opt, "defaults", {}).get("fused"))
     for _ in range(grad_accum):
-        ids, labels, mask, pos, n_real, n_padded = next(batches)
+        ids, labels, mask, pos, n_real, n_padded, meta = next(batches)
         with autocast_for(model):
-            loss_sum, n = batch_loss(model, ids, labels, mask, pos)
+            loss_sum, n = batch_loss(model, ids, labels, mask, pos, meta)
         (loss_sum / max(n, 1) / grad_accum).backward()
-        loss_total += float(loss_sum.detach())
+        on_device = on_device and loss_sum.is_cuda
+        if on_device:
+            sums.append(loss_sum.detach().double())
+        else:
+            loss_total += float(loss_sum.detach())
         loss_tokens, real, padded = loss_tokens + n, real + n_real, padded + n_padded
-    loss = loss_total / max(loss_tokens, 1)
-    if math.isfinite(loss):
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
-        opt.step()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if on_device and len(sums) == grad_accum:
+        total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.found_inf = (~torch.isfinite(total)).float()
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf
+        loss = float(total) / max(loss_tokens, 1)
+    else:
+        loss_total += sum(float(x) for x in sums)
+        loss = loss_total / max(loss_tokens, 1)
+        if math.isfinite(loss):
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
     return {"loss": loss, "loss_tokens": loss_tokens, "real_tokens": real, "padded_tokens": padded}
 
 
@@ -586,8 +641,8 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
         fast_dora.enable(model)
     from pipelines import fast_train
 
-    fast_train.enable(model, device, fast_kernels=cfg.fast_kernels, compile=cfg.compile, attention=cfg.attention,
-                      precision=precision, log=log)
+    fast = fast_train.enable(model, device, fast_kernels=cfg.fast_kernels, compile=cfg.compile,
+                             attention=cfg.attention, precision=precision, log=log)
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -609,6 +664,8 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
 
     pad_id = tokenizer.pad_token_id
     batches = BatchSource(train_rows, cfg, pad_id, device)
+    if fast.compiled:
+        batches.width = cfg.max_len  # one shape every step: no recompiles of the layers
     st = {"curve": [], "evals": [], "best_val": float("inf"), "bad_evals": 0, "tokens_seen": 0, "padded_seen": 0,
           "train_loss": float("nan"), "train_seconds": 0.0, "resumed_from": None}
     ckpt_root = checkpoint_dir(out)

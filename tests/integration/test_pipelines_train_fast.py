@@ -142,6 +142,84 @@ def test_missing_liger_or_bad_option_never_crashes_and_bad_values_are_refused(mo
         fast_train.enable(model, "cpu", attention="flash")
 
 
+def test_fused_lora_linears_give_peft_losses_and_gradients_on_cpu():
+    """fast_train.fuse_lora (one autograd Function per LoRA linear, adapter term accumulated inside the matmul) is
+    the same function with the same gradients as PEFT's forward (fp32, CPU), also for the first layer whose input
+    needs no gradient; DoRA layers are left to fast_dora."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from pipelines import fast_train, train
+    from transformers import AutoModelForCausalLM
+
+    ids, labels, pos, torch = _packed_batch(seed=3)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32, attn_implementation="sdpa")
+    plain = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in plain.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    fast = copy.deepcopy(plain)
+    assert fast_train.fuse_lora(fast) == 3 * 4  # three kinds x four layers
+    results = []
+    for model in (plain, fast):
+        model.train()
+        loss, n = train.batch_loss(model, ids, labels, None, pos)
+        loss.backward()
+        results.append((float(loss.detach()), {k: p.grad.clone() for k, p in model.named_parameters()
+                                               if p.requires_grad}))
+    (l1, g1), (l2, g2) = results
+    assert l2 == pytest.approx(l1, rel=1e-6)
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-5 * float(g1[k].abs().max()) + 1e-9)
+    with torch.no_grad():  # evaluation, adapters off: PEFT's path
+        with fast.disable_adapter():
+            off = train.batch_loss(fast, ids, labels, None, pos)[0]
+        with plain.disable_adapter():
+            assert float(off) == pytest.approx(float(train.batch_loss(plain, ids, labels, None, pos)[0]), rel=1e-6)
+    dora = get_peft_model(AutoModelForCausalLM.from_pretrained(BASE), LoraConfig(r=4, target_modules=["q_proj"],
+                                                                                  use_dora=True))
+    assert fast_train.fuse_lora(dora) == 0
+
+
+def test_packed_batches_carry_cpu_loss_positions_and_bounds_that_match_the_mask():
+    """BatchSource's meta (loss positions, targets, count, sequence bounds computed on the CPU) picks the rows the
+    boolean mask picks, and a fixed width pads rows without changing the loss."""
+    from pipelines import train
+    from pipelines.fast_train import cu_seqlens, max_seqlen_bucket
+    from transformers import AutoModelForCausalLM
+    import torch
+
+    rng = __import__("random").Random(0)
+    rows = []
+    for _ in range(40):
+        n = rng.randint(8, 60)
+        x = [rng.randrange(5, 4000) for _ in range(n)]
+        rows.append((x, [-100] * (n // 3) + x[n // 3:]))
+    cfg = train.TrainConfig(batch_size=3, max_len=128, packing=True)
+    src = train.BatchSource(rows, cfg, 0)
+    ids, labels, mask, pos, real, padded, meta = next(src)
+    keep = labels[:, 1:] != -100
+    assert meta["n_loss"] == int(keep.sum())
+    assert torch.equal(meta["loss_target"], labels[:, 1:][keep])
+    assert torch.equal(meta["cu_seqlens"], cu_seqlens(pos))
+    assert meta["max_seqlen"] % 128 == 0 or meta["max_seqlen"] == ids.shape[1]
+    assert max_seqlen_bucket(torch.tensor([0, 5, 300, 310], dtype=torch.int32), 1024) == 384
+    model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32).eval()
+    with torch.no_grad():
+        a = train.batch_loss(model, ids, labels, None, pos)
+        b = train.batch_loss(model, ids, labels, None, pos, meta)
+        assert a[1] == b[1] and float(b[0]) == pytest.approx(float(a[0]), rel=1e-6)
+        wide = train.BatchSource(rows, cfg, 0)
+        wide.width = 200
+        w_ids, w_labels, _, w_pos, w_real, _, w_meta = next(wide)
+        assert w_ids.shape[1] == 200 and w_real == real
+        c = train.batch_loss(model, w_ids, w_labels, None, w_pos, w_meta)
+        assert c[1] == a[1] and float(c[0]) == pytest.approx(float(a[0]), rel=1e-4)
+
+
 torch = pytest.importorskip("torch")
 
 
