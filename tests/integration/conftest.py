@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from vllm_fixtures import vllm_server  # noqa: F401  (the session's one vLLM server, for the tests that need it)
 
 # On a shared 2-core machine torch's default of one OpenMP thread per core spins against the other tenants: measured
 # here, 12 training steps of the tiny base took 30 s with 2 threads and 3 s with 1. One thread keeps the tier fast.
