@@ -31,6 +31,7 @@ same estimator every engine uses.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import threading
@@ -57,6 +58,8 @@ from serving.engine import (
     TokenLogprob,
 )
 
+log = logging.getLogger(__name__)
+
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
           "down": ("down_proj",)}
 """The fused matrices of a layer and the HF modules each one stacks (their outputs concatenated in this order)."""
@@ -64,6 +67,10 @@ MODULE_GROUP = {m: (g, i) for g, mods in GROUPS.items() for i, m in enumerate(mo
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 """Rope types whose frequencies do not depend on the sequence length (dynamic NTK / longrope do: refused)."""
+FORWARD_VARIANTS = ("alora_invocation_tokens", "arrow_config", "use_bdlora", "velora_config", "monteclora_config",
+                    "kasa_config", "use_qalora")
+"""PEFT LoraConfig fields that switch a layer to another forward (PEFT's lora_variants; aLoRA applies only after its
+invocation tokens, Arrow routes between experts, ...): refused, never served as plain LoRA."""
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.(lora_A|lora_B|lora_magnitude_vector)(?:\.weight)?$")
 
 
@@ -100,12 +107,19 @@ def read_adapter(key: str, adapter_dir: Path, n_layers: int, max_rank: int | Non
         if cfg.get(field_name):
             raise AdapterLoadError(f"adapter {key} sets {field_name}={cfg[field_name]!r}, which the built-in engine "
                                    f"does not serve; merge it into the base instead")
+    for field_name in FORWARD_VARIANTS:
+        if cfg.get(field_name):
+            raise AdapterLoadError(f"adapter {key} sets {field_name}={cfg[field_name]!r}, a LoRA variant whose forward "
+                                   f"is not y = W x + s B A x; the built-in engine serves LoRA, rsLoRA and DoRA only")
     if cfg.get("lora_bias") or cfg.get("bias", "none") != "none":
         raise AdapterLoadError(f"adapter {key} trains biases (bias={cfg.get('bias')!r}, lora_bias="
                                f"{cfg.get('lora_bias')}); the built-in engine serves bias-free LoRA only")
     if cfg.get("fan_in_fan_out"):
         raise AdapterLoadError(f"adapter {key} has fan_in_fan_out=true (a Conv1D base); this base is a Llama")
     init = str(cfg.get("init_lora_weights", True)).lower()
+    if init == "mica":
+        raise AdapterLoadError(f"adapter {key} is a MiCA adapter (a LoRA variant with its own forward); the built-in "
+                               f"engine serves LoRA, rsLoRA and DoRA only")
     if init.startswith(("pissa", "corda", "olora")):
         raise AdapterLoadError(f"adapter {key} is a native {init} adapter (it needs the residual base it was "
                                f"trained on); serve the export converted to plain LoRA (save_pretrained with "
@@ -198,6 +212,14 @@ class _Seq:
     prompt_lp: list[float] = field(default_factory=list)
     text: str = ""
     emitted: int = 0
+    """Characters of text already streamed."""
+    lp_emitted: int = 0
+    """Entries of token_lps already streamed."""
+    pinned: bool = True
+    """Holds a ref on slot (released exactly once, when the request is finished)."""
+    cancelled: Exception | None = None
+    """Set by a caller that stopped waiting (stream closed, timeout): the scheduler drops the request at its next step
+    with this error."""
     finish: str | None = None
     result: Generation | Exception | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -225,7 +247,7 @@ class BuiltinEngine:
     def __init__(self, base_path: Path, device: str = "cpu", dtype: torch.dtype | None = None,
                  max_lora_rank: int = 64, max_loras: int = 8, max_batch: int | None = None,
                  max_seq_len: int | None = None, cuda_graphs: bool | None = None, max_prefill_tokens: int = 8192,
-                 unload_timeout_s: float = 120.0):
+                 unload_timeout_s: float = 120.0, request_timeout_s: float = 300.0):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         self.base_path = Path(base_path)
@@ -267,6 +289,9 @@ class BuiltinEngine:
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.max_prefill_tokens = max_prefill_tokens
         self.unload_timeout_s = unload_timeout_s
+        self.request_timeout_s = request_timeout_s
+        """A caller waiting on a request gets EngineError once the scheduler has made no progress (no prefill, no
+        decode step) for this long: a wedged scheduler never leaves a caller waiting for ever."""
         # adapters: slot 0 is "no adapter"; packs are rebuilt when the widest rank grows
         self._slots: list[_Slot | None] = [None] * (max_loras + 1)
         self._keys: OrderedDict[str, _Slot] = OrderedDict()  # least recently used first
@@ -281,6 +306,8 @@ class BuiltinEngine:
         self._waiting: deque[_Seq] = deque()
         self._running: dict[int, _Seq] = {}
         self._free_rows = list(range(self.max_batch))
+        self._admitting: list[_Seq] = []  # taken off _waiting, being prefilled (in neither queue)
+        self._progress = 0  # prefills + decode steps run; callers watch it to tell a slow engine from a stuck one
         self._closed = False
         self._error: BaseException | None = None
         self._sample_gen = torch.Generator(device=self.device)
@@ -289,6 +316,8 @@ class BuiltinEngine:
         """Decode steps run (all rows together count once)."""
         # CUDA graphs of the decode step
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device; this engine runs on {self.device}")
         self._graphs: dict[tuple, tuple] = {}
         self._graph_pool = None
         nb = self.max_batch
@@ -355,9 +384,9 @@ class BuiltinEngine:
         """x [N, in] through fused matrix g of layer li plus its adapters. lora: None (base), ("one", slot) or
         ("mask", onehot [N, S], masks {g: [N, S*gw]}, dora)."""
         w, b = self.layers[li][g]
-        y = F.linear(x, w, b)
         if lora is None:
-            return y
+            return F.linear(x, w, b)
+        y = F.linear(x, w)  # the bias is added after DoRA's scale: PEFT scales W x + s B A x only
         a, bt = self._packs[li][g]
         if lora[0] == "one":
             s = lora[1]
@@ -365,12 +394,12 @@ class BuiltinEngine:
             y = y + F.linear(x, a[s * gw:(s + 1) * gw]) @ bt[s * gw:(s + 1) * gw]
             if s in self._dora_slots:
                 y = y * (1 + self._gm1[li][g][s])
-            return y
-        _, onehot, masks, dora = lora
-        y = torch.addmm(y, F.linear(x, a) * masks[g], bt)
-        if dora:
-            y = y * (1 + onehot @ self._gm1[li][g])
-        return y
+        else:
+            _, onehot, masks, dora = lora
+            y = torch.addmm(y, F.linear(x, a) * masks[g], bt)
+            if dora:
+                y = y * (1 + onehot @ self._gm1[li][g])
+        return y if b is None else y + b
 
     def _lora_ctx(self, onehot: torch.Tensor | None, single: int | None, dora: bool):
         if single is not None:
@@ -506,6 +535,7 @@ class BuiltinEngine:
                 f"adapter {key} was trained on base sha256:{base_sha256.removeprefix('sha256:')[:12]}…, but the served "
                 f"base is sha256:{self.base_sha256[:12]}…; re-train it or serve the matching base")
         with self._cv:
+            self._check_up_locked()
             old = self._keys.get(key)
             if old is not None and old.weights.path == adapter_dir:
                 self._keys.move_to_end(key)
@@ -603,10 +633,7 @@ class BuiltinEngine:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(int(p.seed))
         with self._cv:
-            if self._closed:
-                raise EngineError("the built-in engine is closed")
-            if self._error is not None:
-                raise EngineError(f"the built-in engine's scheduler died: {self._error!r}")
+            self._check_up_locked()
             slot = None
             if req.adapter is not None:
                 slot = self._keys.get(req.adapter)
@@ -624,14 +651,15 @@ class BuiltinEngine:
         for req in requests:
             try:
                 seqs.append(self._submit(req, stream=False))
-            except Exception as exc:  # per request: the others are still served
+            except Exception as exc:  # noqa: BLE001  (per request: the others are still served)
                 seqs.append(exc)
         out = []
         for s in seqs:
             if isinstance(s, Exception):
                 out.append(s)
                 continue
-            s.done.wait()
+            with self._cv:
+                self._wait_locked(s, s.done.is_set)
             out.append(s.result)
         return out
 
@@ -640,19 +668,69 @@ class BuiltinEngine:
         return self._drain(seq)
 
     def _drain(self, seq: _Seq) -> Iterator[StreamDelta]:
-        while True:
-            with self._cv:
-                while not seq.stream and not seq.done.is_set():
-                    self._cv.wait()
-                items = list(seq.stream)
-                seq.stream.clear()
-                done = seq.done.is_set()
-            for d in items:
-                yield d
-            if done and not items:
-                if isinstance(seq.result, Exception):
-                    raise seq.result
+        try:
+            while True:
+                with self._cv:
+                    self._wait_locked(seq, lambda: bool(seq.stream) or seq.done.is_set())
+                    items = list(seq.stream)
+                    seq.stream.clear()
+                    done = seq.done.is_set()
+                yield from items
+                if done and not items:
+                    if isinstance(seq.result, Exception):
+                        raise seq.result
+                    return
+        finally:  # the caller closed the stream (or stopped iterating on an error): free the row at the next step
+            if not seq.done.is_set():
+                self._cancel(seq, EngineError("the stream was closed before the request finished"))
+
+    def _wait_locked(self, seq: _Seq, ready) -> None:
+        """Wait (holding _cv) until ready(); if the scheduler is gone or makes no progress for request_timeout_s,
+        answer seq with EngineError instead of waiting for ever."""
+        seen, since = self._progress, time.monotonic()
+        while not ready():
+            self._cv.wait(0.5)
+            if ready():
                 return
+            if not self._thread.is_alive():
+                why = self._error if self._error is not None else "it stopped"
+                self._finish_locked(seq, EngineError(f"the built-in engine's scheduler is not running ({why!r}); "
+                                                     f"restart the engine"))
+                return
+            if self._progress != seen:
+                seen, since = self._progress, time.monotonic()
+            elif time.monotonic() - since > self.request_timeout_s:
+                err = EngineError(f"the built-in engine made no progress for {self.request_timeout_s:.0f} s "
+                                  f"(scheduler stuck); request {seq.req.request_id or seq.req.prompt[:40]!r} dropped")
+                self._cancel_locked(seq, err)
+                if not seq.done.is_set():  # running: answer now, the scheduler frees its row when it gets there
+                    seq.result = err
+                    seq.done.set()
+                return
+
+    def _cancel(self, seq: _Seq, error: Exception) -> None:
+        with self._cv:
+            self._cancel_locked(seq, error)
+
+    def _cancel_locked(self, seq: _Seq, error: Exception) -> None:
+        """Drop a request: at once if still queued, else at the scheduler's next step (it owns running rows)."""
+        if seq.done.is_set():
+            return
+        seq.cancelled = error
+        try:
+            self._waiting.remove(seq)
+        except ValueError:
+            self._cv.notify_all()
+            return
+        self._finish_locked(seq, error)
+
+    def _check_up_locked(self) -> None:
+        if self._closed:
+            raise EngineError("the built-in engine is closed")
+        if self._error is not None:
+            raise EngineError(f"the built-in engine's scheduler died: {self._error!r}; restart the engine")
+        if not self._thread.is_alive():
+            raise EngineError("the built-in engine's scheduler is not running; restart the engine")
 
     def prompt_logprobs(self, prompts: list[str], key: str | None) -> list[PromptLogprobs]:
         logits, mask, ids = self._full_logits(prompts, key)
@@ -679,12 +757,16 @@ class BuiltinEngine:
         if ids.shape[1] > self.context_length:
             raise ContextLengthExceeded(f"a prompt has {ids.shape[1]} tokens, more than the model's context of "
                                         f"{self.context_length}")
+        if int(batch.attention_mask.sum(-1).min()) == 0:
+            raise ValueError("a prompt has no tokens; send non-empty prompts")
         with self._cv:
+            self._check_up_locked()
             slot = None
             if key is not None:
                 slot = self._keys.get(key)
                 if slot is None:
                     raise AdapterNotLoaded(f"adapter {key} is not loaded; loaded: {list(self._keys)}")
+                self._keys.move_to_end(key)
                 slot.refs += 1
         try:
             with self._model_lock, torch.inference_mode():
@@ -706,10 +788,7 @@ class BuiltinEngine:
 
     def health(self) -> dict:
         with self._cv:
-            if self._error is not None:
-                raise EngineError(f"the built-in engine's scheduler died: {self._error!r}")
-            if self._closed:
-                raise EngineError("the built-in engine is closed")
+            self._check_up_locked()
             return {"status": "ok", "engine": self.name, "running": len(self._running), "waiting": len(self._waiting),
                     "loaded": list(self._keys), "device": str(self.device), "max_batch": self.max_batch,
                     "max_loras": self.max_loras, "max_lora_rank": self.max_lora_rank, "steps": self.steps}
@@ -720,13 +799,24 @@ class BuiltinEngine:
                 return
             self._closed = True
             self._cv.notify_all()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=30)  # it stops between two steps
         with self._cv:
-            for s in list(self._waiting) + list(self._running.values()):
+            for s in list(self._waiting) + self._admitting + list(self._running.values()):
                 self._finish_locked(s, EngineError("the built-in engine was closed before the request finished"))
             self._waiting.clear()
+            self._admitting = []
             self._running.clear()
-        self._graphs.clear()
+        if self._thread.is_alive():  # a step longer than 30 s: leave the tensors to it, it exits when done
+            log.warning("the built-in engine's scheduler did not stop within 30 s of close()")
+            return
+        with self._model_lock:  # release the model (a prompt_logprobs call in flight finishes first)
+            self._graphs.clear()
+            self._graph_pool = None
+            self.k_cache = self.v_cache = None
+            self._packs, self._gm1, self.layers = [], [], []
+            self.embed = self.lm_head = self.final_norm = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ scheduler
 
@@ -738,6 +828,8 @@ class BuiltinEngine:
                         self._cv.wait()
                     if self._closed:
                         return
+                    for s in [s for s in self._running.values() if s.cancelled is not None]:
+                        self._finish_locked(s, s.cancelled)
                     admit, t_max = [], 0
                     self._free_rows.sort()  # lowest rows first: the decode batch stays as short as it can
                     while self._waiting and self._free_rows:
@@ -751,28 +843,34 @@ class BuiltinEngine:
                             continue
                         s.row = self._free_rows.pop(0)
                         admit.append(s)
+                    self._admitting = admit
                 with torch.inference_mode():
                     if admit:
                         with self._model_lock:
                             self._prefill(admit)
                         with self._cv:
                             for s in admit:
-                                if s.finish is None:
+                                if s.row >= 0:  # not finished at its first token
                                     self._running[s.row] = s
+                            self._admitting = []
+                            self._progress += 1
                             self._cv.notify_all()
                     with self._cv:
                         running = dict(self._running)
                     if running:
                         with self._model_lock:
                             self._decode(running)
-        except BaseException as exc:  # noqa: BLE001  (every waiting caller must hear of it)
+                        with self._cv:
+                            self._progress += 1
+        except BaseException as exc:  # every waiting caller must hear of it
+            log.exception("the built-in engine's scheduler failed; every queued and running request gets EngineError")
             with self._cv:
                 self._error = exc
-                for s in list(self._waiting) + list(self._running.values()):
+                for s in list(self._waiting) + self._admitting + list(self._running.values()):
                     self._finish_locked(s, EngineError(f"the built-in engine's scheduler failed: {exc!r}"))
                 self._waiting.clear()
+                self._admitting = []
                 self._running.clear()
-            raise
 
     def _onehot(self, seqs: list[_Seq], n: int, rows: list[int] | None = None) -> tuple[torch.Tensor, bool]:
         idx = torch.zeros(n, dtype=torch.long)
@@ -877,10 +975,11 @@ class BuiltinEngine:
     def _sample_and_advance(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         """Choose each row's next token from logits [n, V] (float32), record log-probs, finish rows."""
         logp = torch.log_softmax(logits, -1)
+        bad = set((~torch.isfinite(logits).all(-1)).nonzero().flatten().tolist())
         k_top = max([STATS_TOP_K] + [s.req.params.logprobs or 0 for s in seqs])
         top_v, top_i = logp.topk(min(k_top, logp.shape[-1]), dim=-1)
         chosen = logits.argmax(-1)
-        sampled = [i for i, s in enumerate(seqs) if s.req.params.temperature > 0]
+        sampled = [i for i, s in enumerate(seqs) if s.req.params.temperature > 0 and i not in bad]
         if sampled:
             chosen = chosen.clone()
             for i in sampled:
@@ -896,8 +995,11 @@ class BuiltinEngine:
         chosen_l, chosen_lp_l = chosen.tolist(), chosen_lp.tolist()
         top_v_l = top_v.tolist()
         top_i_l = top_i.tolist() if any(s.req.params.logprobs for s in seqs) else None
-        finished = []
+        finished, failed = [], []
         for i, s in enumerate(seqs):
+            if i in bad:  # one request's NaN/inf (a broken adapter, an overflow) fails that request, not the engine
+                failed.append(s)
+                continue
             tok = chosen_l[i]
             p = s.req.params
             s.steps += 1
@@ -926,39 +1028,47 @@ class BuiltinEngine:
             elif s.stream is not None:
                 safe = s.text.rstrip("\ufffd")
                 safe = safe[: len(safe) - _stop_holdback(safe, p.stop)]
-                if len(safe) > s.emitted:
-                    lps = s.token_lps[-1:] if p.logprobs is not None else None
+                if len(safe) > s.emitted:  # tokens whose text is held back ride with the next delta
+                    lps = s.token_lps[s.lp_emitted:] if p.logprobs is not None else None
                     with self._cv:
                         s.stream.append(StreamDelta(safe[s.emitted:], lps))
                         self._cv.notify_all()
-                    s.emitted = len(safe)
-        if finished:
+                    s.emitted, s.lp_emitted = len(safe), len(s.token_lps)
+        for s in failed:  # its K/V rows may hold NaN, which would leak into the next occupant's masked positions
+            self.k_cache[:, s.row].zero_()
+            self.v_cache[:, s.row].zero_()
+        if finished or failed:
             with self._cv:
                 for s in finished:
                     self._finish_locked(s, None)
+                for s in failed:
+                    self._finish_locked(s, EngineError(
+                        f"the model gave non-finite logits for request {s.req.request_id or s.req.prompt[:40]!r} "
+                        f"on adapter {s.req.adapter} at token {s.steps}; check the adapter's weights"))
 
     def _finish_locked(self, s: _Seq, error: Exception | None) -> None:
         """Answer a request (a Generation, or `error`) and free its row and its adapter pin. Caller holds _cv."""
-        if s.result is not None:
-            return
-        if error is not None:
-            s.result = error
-        else:
-            p = s.req.params
-            text = s.text if (p.stop or s.stream is not None) else self._decode_text(s.out_ids)
-            s.result = Generation(
-                text=text, prompt_tokens=len(s.ids), completion_tokens=s.steps, finish_reason=s.finish,
-                stats=stats_from_logprobs(s.prompt_lp, s.top_lp),
-                response_nll=-sum(s.chosen_lp) / len(s.chosen_lp),
-                logprobs=list(s.token_lps) if p.logprobs is not None else None)
-            if s.stream is not None:
-                s.stream.append(StreamDelta(text[s.emitted:], None, final=s.result))
+        if s.result is None:  # (a stuck-scheduler timeout answers first; the row is freed here when it gets here)
+            if error is not None:
+                s.result = error
+            else:
+                p = s.req.params
+                text = s.text if (p.stop or s.stream is not None) else self._decode_text(s.out_ids)
+                s.result = Generation(
+                    text=text, prompt_tokens=len(s.ids), completion_tokens=s.steps, finish_reason=s.finish,
+                    stats=stats_from_logprobs(s.prompt_lp, s.top_lp),
+                    response_nll=-sum(s.chosen_lp) / len(s.chosen_lp),
+                    logprobs=list(s.token_lps) if p.logprobs is not None else None)
+                if s.stream is not None:
+                    s.stream.append(StreamDelta(text[s.emitted:], s.token_lps[s.lp_emitted:]
+                                                if p.logprobs is not None else None, final=s.result))
         if s.row >= 0:
             self._running.pop(s.row, None)
             self._free_rows.append(s.row)
             s.row = -1
         slot = s.slot
-        if slot is not None:
+        if slot is not None and s.pinned:
+            s.pinned = False
             slot.refs -= 1
             if slot.refs == 0 and slot.retired and self._slots[slot.index] is slot:
                 self._slots[slot.index] = None
