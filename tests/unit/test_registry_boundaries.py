@@ -19,7 +19,7 @@ def test_registry_imports_nothing_of_ours():
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names = [node.module]
             bad = [n for n in names if n.split(".")[0] in ours]
-            assert not bad, f"{path.name} imports {bad}; registry/ may import nothing of ours (ARCHITECTURE.md)"
+            assert not bad, f"{path.name} imports {bad}; registry/ may import nothing of ours (docs/ARCHITECTURE.md)"
 
 
 def test_every_module_has_a_docstring():
