@@ -126,9 +126,25 @@ def _is_context_error(msg: str) -> bool:
     return "maximum context length" in m or "max_model_len" in m
 
 
+def _server_failure(status: int, msg: str) -> bool:
+    """A 5xx that says the server is broken (its engine died, a proxy in front has no backend), not that it refused
+    this adapter (vLLM answers 500 "Call to add_lora method failed: ..." for an adapter it cannot load)."""
+    return status in (502, 503, 504) or not msg or "EngineCore encountered an issue" in msg or "EngineDead" in msg
+
+
 def _token_id(key: str) -> int:
     """'token_id:123' (return_tokens_as_token_ids) -> 123."""
     return int(key.rsplit(":", 1)[1])
+
+
+def _training_manifest(adapter_dir: Path) -> dict:
+    """The training run's manifest next to an adapter (pipelines.train writes <out>/adapter and <out>/manifest.json),
+    or {} when there is none."""
+    try:
+        m = json.loads((adapter_dir.parent / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return m if isinstance(m, dict) and m.get("kind") == "adapter" else {}
 
 
 class VLLMEngine:
@@ -268,20 +284,28 @@ class VLLMEngine:
             resp = self._post(replica, "/v1/load_lora_adapter", body, self.load_timeout_s)
         if resp.status_code >= 400:
             msg = _error_message(resp)
-            if resp.status_code >= 500 and not msg:
-                raise _ReplicaDown(f"{replica.url}: HTTP {resp.status_code} loading {key}")
+            if resp.status_code >= 500 and _server_failure(resp.status_code, msg):
+                raise _ReplicaDown(f"{replica.url}: HTTP {resp.status_code} loading {key}: {msg}")
             raise AdapterLoadError(f"vLLM {replica.url} refused adapter {key} from {path} (HTTP {resp.status_code}): "
                                    f"{msg}")
         replica.adapters[key] = path
 
     def _served_roots(self, replica: _Replica) -> dict[str, str]:
         """GET /v1/models of one replica: {model id: its root} (an adapter's root is the path it was loaded from)."""
+        return {m["id"]: m.get("root") for m in self._models(replica, self.load_timeout_s)}
+
+    def _models(self, replica: _Replica, read_s: float) -> list[dict]:
+        """GET /v1/models of one replica; _ReplicaDown when it does not answer it."""
         try:
-            resp = self._client.get(f"{replica.url}/v1/models", timeout=self._timeout(self.load_timeout_s))
-            resp.raise_for_status()
-            return {m["id"]: m.get("root") for m in resp.json().get("data", [])}
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
-            raise _ReplicaDown(f"{replica.url}: GET /v1/models failed: {type(exc).__name__}: {exc}") from exc
+            resp = self._client.get(f"{replica.url}/v1/models", timeout=self._timeout(read_s))
+        except _CONNECTION_ERRORS as exc:
+            raise _ReplicaDown(f"{replica.url}: GET /v1/models: {type(exc).__name__}: {exc or 'no answer'}") from exc
+        if resp.status_code != 200:
+            raise _ReplicaDown(f"{replica.url}: GET /v1/models: HTTP {resp.status_code}: {_error_message(resp)}")
+        try:
+            return list(resp.json()["data"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _ReplicaDown(f"{replica.url}: GET /v1/models answered {resp.text[:200]!r}") from exc
 
     def max_model_len(self) -> int:
         """The served context (vLLM's --max-model-len), asked of the first replica that answers, then remembered."""
@@ -289,17 +313,17 @@ class VLLMEngine:
             errors = []
             for replica in self._order():
                 try:
-                    resp = self._client.get(f"{replica.url}/v1/models", timeout=self._timeout(30.0))
-                    resp.raise_for_status()
-                    for m in resp.json().get("data", []):
-                        if m.get("id") == BASE_MODEL and m.get("max_model_len"):
-                            self._max_model_len = int(m["max_model_len"])
-                            return self._max_model_len
-                    raise EngineError(f"vLLM {replica.url} does not serve the base as model {BASE_MODEL!r} (start "
-                                      f"it with --served-model-name {BASE_MODEL})")
-                except (httpx.HTTPError, ValueError) as exc:
-                    self._mark_down(replica, f"{replica.url}: {exc}")
-                    errors.append(f"{replica.url}: GET /v1/models: {type(exc).__name__}: {exc}")
+                    models = self._models(replica, min(30.0, self.timeout_s))
+                except _ReplicaDown as exc:
+                    self._mark_down(replica, str(exc))
+                    errors.append(str(exc))
+                    continue
+                for m in models:
+                    if m.get("id") == BASE_MODEL and m.get("max_model_len"):
+                        self._max_model_len = int(m["max_model_len"])
+                        return self._max_model_len
+                raise EngineError(f"vLLM {replica.url} does not serve the base as model {BASE_MODEL!r} (start it "
+                                  f"with --served-model-name {BASE_MODEL})")
             raise self._all_down(errors)
         return self._max_model_len
 
@@ -438,11 +462,17 @@ class VLLMEngine:
         ranks = [int(cfg.get("r", 8))] + [int(v) for v in (cfg.get("rank_pattern") or {}).values()]
         rank = max(ranks)
         if self.max_lora_rank is not None and rank > self.max_lora_rank:
+            trained = _training_manifest(adapter_dir)
+            if "pissa" in str(trained.get("method", "")).lower() and trained.get("rank"):
+                why = (f"it is a {trained['method']} adapter trained at rank {trained['rank']}, exported as plain "
+                       f"LoRA at rank 2r = {2 * int(trained['rank'])}")
+            else:
+                why = "a PiSSA adapter exported as LoRA has rank 2r, twice the rank it was trained with"
             raise AdapterLoadError(
                 f"adapter {key} has rank {rank} (adapter_config.json r={cfg.get('r')}"
                 f"{', rank_pattern' if len(ranks) > 1 else ''}), above the vLLM server's --max-lora-rank "
-                f"{self.max_lora_rank}; start vLLM with a higher --max-lora-rank or serve a lower-rank version (a "
-                f"PiSSA adapter exported as LoRA has rank 2r, twice the rank it was trained with)")
+                f"{self.max_lora_rank} ({why}); start vLLM with --max-lora-rank >= {rank} or serve a lower-rank "
+                f"version")
 
     @staticmethod
     def _adapter_modules(key: str, adapter_dir: Path) -> set[str]:

@@ -6,7 +6,12 @@ One vLLM boot for the session (tests/integration/vllm_fixtures.py); few requests
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import json
 import math
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -252,6 +257,98 @@ def test_failover_to_the_live_replica_and_all_down(vllm_server, adapters):
             eng.stream(GenerationRequest(PROMPTS[0], None, SamplingParams(max_tokens=2)))
         assert time.monotonic() - t0 < 30
     finally:
+        eng.close()
+
+
+@contextlib.contextmanager
+def broken_replica():
+    """An HTTP server on loopback that answers everything as a vLLM whose EngineCore died (500)."""
+    class Dead(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            body = b'{"error": {"message": "EngineCore encountered an issue. See stack trace (above) for the root '\
+                   b'cause.", "type": "InternalServerError", "code": 500}}'
+            self.send_response(500)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Dead)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@contextlib.contextmanager
+def silent_replica():
+    """A port that accepts connections and never answers (a hung server)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+def test_failover_past_a_5xx_replica_and_a_hung_one(vllm_server, adapters):
+    with broken_replica() as broken, silent_replica() as hung:
+        eng = VLLMEngine([broken, hung, vllm_server.url], BASE, base_sha256=vllm_server_sha(), timeout_s=2,
+                         connect_timeout_s=1, load_timeout_s=2, down_s=60)
+        try:
+            t0 = time.monotonic()
+            eng.load("support-assistant@1", adapters["lora"])  # the live replica takes it; the others are down
+            reqs = [GenerationRequest(PROMPTS[0], k, SamplingParams(max_tokens=3))
+                    for k in ("support-assistant@1", None)]
+            res = eng.generate(reqs)
+            assert all(not isinstance(r, Exception) for r in res), res
+            assert time.monotonic() - t0 < 30
+            h = eng.health()["replicas"]
+            assert h[vllm_server.url] == "ok" and "500" in h[broken] and h[hung].startswith("down")
+        finally:
+            eng.unload("support-assistant@1")
+            eng.close()
+        eng = VLLMEngine([broken, hung], BASE, base_sha256=vllm_server_sha(), timeout_s=2, connect_timeout_s=1)
+        try:
+            [res] = eng.generate([GenerationRequest(PROMPTS[0], None, SamplingParams(max_tokens=2))])
+            assert isinstance(res, EngineError) and broken in str(res) and hung in str(res), res
+            assert "EngineCore" in str(res) and "Timeout" in str(res)
+        finally:
+            eng.close()
+
+
+def test_pissa_export_is_served_with_parity_and_its_rank_checked(vllm_server, trained):
+    """A PiSSA adapter trained by the pipeline (rank 4) is exported as plain LoRA of rank 8 against the original base:
+    vLLM serves it with PEFT's log-probs; an engine limited below 8 refuses it and says why."""
+    from serving.pool import AdapterPool, PoolEngine
+
+    adapter = trained("pissa") / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8
+    eng = VLLMEngine([vllm_server.url], BASE, base_sha256=vllm_server_sha(), max_lora_rank=4)
+    try:
+        with pytest.raises(AdapterLoadError, match=r"rank 8 .*trained at rank 4, exported as plain LoRA at rank 2r = 8"):
+            eng.load("pissa@1", adapter)
+        eng.max_lora_rank = 64
+        eng.load("pissa@1", adapter)
+        pool = AdapterPool(BASE, max_adapters=1)
+        pool.load("pissa@1", adapter)
+        got, ref = eng.prompt_logprobs(PROMPTS, "pissa@1"), PoolEngine(pool).prompt_logprobs(PROMPTS, "pissa@1")
+        for g, r in zip(got, ref):
+            assert g.token_ids == r.token_ids and g.top1_ids == r.top1_ids
+            assert (torch.tensor(g.logprobs) - torch.tensor(r.logprobs)).abs().max().item() < 1e-4
+    finally:
+        if "pissa@1" in eng.loaded():
+            eng.unload("pissa@1")
         eng.close()
 
 
