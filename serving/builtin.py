@@ -79,7 +79,8 @@ _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.(lora_A|lora_B|lora
 
 @dataclass
 class _AdapterWeights:
-    """One adapter as the engine holds it: per (layer, module) A [r, in], B*scale [out, r], DoRA magnitude or None."""
+    """One adapter as the engine holds it: per (layer, module) A [r, in], B*scale [out, r], and the DoRA magnitude
+    [out] (read_adapter) which BuiltinEngine.load turns into g - 1 = magnitude / ||W + s B A||_row - 1, or None."""
 
     path: Path
     rank: int
@@ -254,6 +255,8 @@ class BuiltinEngine:
         self.device = torch.device(device)
         if max_lora_rank < 1 or max_loras < 1:
             raise ValueError(f"max_lora_rank and max_loras must be >= 1, got {max_lora_rank}, {max_loras}")
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device; this engine runs on {self.device}")
         config = AutoConfig.from_pretrained(self.base_path)
         archs = list(getattr(config, "architectures", None) or [type(config).__name__])
         if not set(archs) & set(SUPPORTED_ARCHITECTURES) or config.model_type != "llama":
@@ -316,8 +319,6 @@ class BuiltinEngine:
         """Decode steps run (all rows together count once)."""
         # CUDA graphs of the decode step
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        if self.cuda_graphs and self.device.type != "cuda":
-            raise ValueError(f"cuda_graphs=True needs a CUDA device; this engine runs on {self.device}")
         self._graphs: dict[tuple, tuple] = {}
         self._graph_pool = None
         nb = self.max_batch
@@ -512,14 +513,12 @@ class BuiltinEngine:
                     out = self.sub_out[g][j]
                     ent = aw.modules.get((li, mod))
                     if ent is not None:
-                        a, bs, mag = ent
+                        a, bs, gm1 = ent
                         r = a.shape[0]
-                        blk_a[j * w:j * w + r] = a.to(self.device, self.dtype)
-                        blk_bt[j * w:j * w + r, off:off + out] = bs.t().to(self.device, self.dtype)
-                        if mag is not None:
-                            base_w = self.layers[li][g][0][off:off + out].float()
-                            norm = torch.linalg.norm(base_w + bs.to(self.device) @ a.to(self.device), dim=1)
-                            self._gm1[li][g][si, off:off + out] = (mag.to(self.device) / norm - 1).to(self.dtype)
+                        blk_a[j * w:j * w + r] = a
+                        blk_bt[j * w:j * w + r, off:off + out] = bs.t()
+                        if gm1 is not None:
+                            self._gm1[li][g][si, off:off + out] = gm1
                     off += out
         if aw.dora:
             self._dora_slots.add(si)
@@ -541,12 +540,7 @@ class BuiltinEngine:
                 self._keys.move_to_end(key)
                 return
         weights = read_adapter(key, adapter_dir, self.n_layers, self.max_lora_rank)
-        for (li, mod), (a, bs, _mag) in weights.modules.items():
-            g, j = MODULE_GROUP[mod]
-            if a.shape[1] != self.sub_in[g] or bs.shape[0] != self.sub_out[g][j]:
-                raise AdapterLoadError(f"adapter {key}: layer {li} {mod} is {tuple(bs.shape)}x{tuple(a.shape)}, "
-                                       f"which does not fit this base ({self.sub_out[g][j]}x{self.sub_in[g]}); it "
-                                       f"was trained on another base")
+        self._prepare(key, weights)
         with self._cv:
             index = self._free_slot_locked(key)
             slot = _Slot(index, key, weights)
@@ -569,6 +563,33 @@ class BuiltinEngine:
             self._keys[key] = slot
             if old is not None:
                 self._retire_locked(old)
+
+    def _prepare(self, key: str, weights: _AdapterWeights) -> None:
+        """Check an adapter against this base and put its tensors in the engine's device/dtype (in place), the DoRA
+        magnitude turned into g - 1. Nothing non-finite may reach the packs: a mixed batch multiplies every slot's
+        B by a zero mask, and 0 * inf is NaN, so one broken adapter would poison every other adapter's rows."""
+        for (li, mod), (a, bs, mag) in list(weights.modules.items()):
+            g, j = MODULE_GROUP[mod]
+            out = self.sub_out[g][j]
+            if a.shape[1] != self.sub_in[g] or bs.shape[0] != out:
+                raise AdapterLoadError(f"adapter {key}: layer {li} {mod} is {tuple(bs.shape)}x{tuple(a.shape)}, "
+                                       f"which does not fit this base ({out}x{self.sub_in[g]}); it "
+                                       f"was trained on another base")
+            a, bs = a.to(self.device), bs.to(self.device)
+            gm1 = None
+            if mag is not None:
+                if mag.shape != (out,):
+                    raise AdapterLoadError(f"adapter {key}: layer {li} {mod} has a DoRA magnitude of shape "
+                                           f"{tuple(mag.shape)}, expected ({out},)")
+                off = sum(self.sub_out[g][:j])
+                base_w = self.layers[li][g][0][off:off + out].float()
+                gm1 = (mag.to(self.device) / torch.linalg.norm(base_w + bs @ a, dim=1) - 1).to(self.dtype)
+            a, bs = a.to(self.dtype), bs.to(self.dtype)
+            if not all(bool(torch.isfinite(t).all()) for t in (a, bs, gm1) if t is not None):
+                raise AdapterLoadError(f"adapter {key}: layer {li} {mod} has non-finite weights (NaN/inf"
+                                       f"{', or overflow in ' + str(self.dtype) if self.dtype != torch.float32 else ''}"
+                                       f"); it cannot be served")
+            weights.modules[(li, mod)] = (a, bs, gm1)
 
     def _free_slot_locked(self, key: str) -> int:
         for i in range(1, len(self._slots)):

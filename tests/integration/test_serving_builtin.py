@@ -586,3 +586,143 @@ def test_scheduler_failure_answers_every_request(adapters, monkeypatch, where):
             list(eng.stream(GenerationRequest(PROMPTS[0], None)))
     finally:
         eng.close()
+
+
+def test_a_non_finite_adapter_is_refused_and_a_non_finite_row_fails_alone(engine, adapters, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    nan = shutil.copytree(adapters["qv"], tmp_path / "nan")
+    f = nan / "adapter_model.safetensors"
+    save_file({k: (v.clone().fill_(float("nan")) if "lora_B" in k else v) for k, v in load_file(str(f)).items()},
+              str(f))
+    with pytest.raises(AdapterLoadError, match="non-finite"):  # in the packs it would poison every mixed batch
+        engine.load("nan@1", nan)
+    assert "nan@1" not in engine.loaded()
+
+    # at run time (an overflow): that request fails, its batch companions do not notice, its KV rows are cleared
+    real = engine._sample_and_advance
+
+    def poison(seqs, logits):
+        for i, s in enumerate(seqs):
+            if s.req.request_id == "poison" and s.steps == 2:
+                logits[i] = float("nan")
+                engine.k_cache[:, s.row] = float("nan")
+                engine.v_cache[:, s.row] = float("nan")
+        return real(seqs, logits)
+
+    monkeypatch.setattr(engine, "_sample_and_advance", poison)
+    items = [(PROMPTS[0], "lora"), (PROMPTS[1], "qv"), (PROMPTS[2], None), (PROMPTS[0], "dora")]
+    solo = [gen1(engine, p, n, max_tokens=6) for p, n in items]
+    batch = [req(p, n, max_tokens=6) for p, n in items]
+    batch[1].request_id = "poison"
+    out = engine.generate(batch)
+    assert isinstance(out[1], EngineError) and "non-finite" in str(out[1]) and "poison" in str(out[1])
+    assert [o.text for i, o in enumerate(out) if i != 1] == [s.text for i, s in enumerate(solo) if i != 1]
+    assert_idle(engine)
+    names = (None, "lora", "qv", "dora")
+    want = {n: gen1(engine, PROMPTS_MORE[3], n, max_tokens=6).text for n in names}
+    again = engine.generate([req(PROMPTS_MORE[3], n, max_tokens=6) for n in names] * 2)  # every row, the failed one too
+    assert [g.text for g in again] == [want[n] for n in names] * 2
+
+
+def test_unload_timeout_and_all_slots_busy(adapters, monkeypatch):
+    eng = BuiltinEngine(BASE, max_loras=1, max_batch=2)
+    try:
+        eng.load("a@1", adapters["lora"])
+        results: list = []
+        t = threading.Thread(target=lambda: results.extend(eng.generate(
+            [GenerationRequest(PROMPTS_MORE[3], "a@1", SamplingParams(max_tokens=300))])))
+        t.start()
+        deadline = time.monotonic() + 30
+        while eng.health()["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        with pytest.raises(AdapterLoadError, match="max_loras=1"):  # its one slot is pinned by a running request
+            eng.load("b@1", adapters["qv"])
+        monkeypatch.setattr(eng, "unload_timeout_s", 0.05)
+        with pytest.raises(EngineError, match="still use it"):
+            eng.unload("a@1")
+        assert eng.loaded() == []
+        t.join(timeout=60)
+        assert isinstance(results[0], Generation) and results[0].completion_tokens == 300  # served to the end
+        assert_idle(eng)
+        assert eng._slots == [None, None]  # freed when its last request finished
+        eng.load("b@1", adapters["qv"])
+    finally:
+        eng.close()
+
+
+def test_a_stuck_scheduler_answers_with_engine_error(adapters, monkeypatch):
+    eng = BuiltinEngine(BASE, max_batch=2, request_timeout_s=1.0)
+    release = threading.Event()
+    real_decode = eng._decode
+
+    def stuck(running):
+        release.wait(30)
+        return real_decode(running)
+
+    monkeypatch.setattr(eng, "_decode", stuck)
+    try:
+        t0 = time.monotonic()
+        [out] = eng.generate([GenerationRequest(PROMPTS[0], None, SamplingParams(max_tokens=4))])
+        assert isinstance(out, EngineError) and "no progress" in str(out)
+        assert time.monotonic() - t0 < 15
+        it = eng.stream(GenerationRequest(PROMPTS[1], None, SamplingParams(max_tokens=4)))
+        with pytest.raises(EngineError, match="no progress"):
+            list(it)
+        release.set()
+        assert_idle(eng)  # the scheduler, unstuck, drops both requests and frees their rows
+        monkeypatch.setattr(eng, "_decode", real_decode)
+        assert gen1(eng, PROMPTS[0], None, max_tokens=3).completion_tokens == 3
+    finally:
+        release.set()
+        eng.close()
+
+
+def test_cuda_graphs_need_cuda():
+    if CUDA:
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        BuiltinEngine(BASE, cuda_graphs=True)
+
+
+@pytest.fixture(scope="module")
+def biased_base(tmp_path_factory) -> Path:
+    """The tiny base with random q/k/v/o and MLP biases (attention_bias, mlp_bias): PEFT adds them outside DoRA's
+    scale, and so must the engine."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("biased-base")
+    cfg = AutoConfig.from_pretrained(BASE)
+    cfg.attention_bias = cfg.mlp_bias = True
+    model = LlamaForCausalLM(cfg)
+    model.load_state_dict(AutoModelForCausalLM.from_pretrained(BASE).state_dict(), strict=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.05)
+    model.save_pretrained(root)
+    AutoTokenizer.from_pretrained(BASE).save_pretrained(root)
+    return root
+
+
+def test_biased_base_with_lora_and_dora(biased_base, tmp_path, monkeypatch):
+    monkeypatch.setattr("test_serving_builtin.BASE", biased_base)
+    dirs = {n: _make(tmp_path / n, i, **SPECS[n]) for i, n in enumerate(("lora", "dora"), start=20)}
+    refs = Refs(dirs)
+    eng = BuiltinEngine(biased_base, max_batch=4)
+    try:
+        for n, d in dirs.items():
+            eng.load(KEYS[n], d)
+        for name in (None, "lora", "dora"):
+            got = eng.prompt_logprobs(PROMPTS, None if name is None else KEYS[name])
+            for pl in got:
+                want, top1 = refs.prompt_logprobs(name, pl.token_ids)
+                torch.testing.assert_close(torch.tensor(pl.logprobs), want, rtol=0, atol=1e-4)
+                assert pl.top1_ids == top1.tolist()
+        mixed = eng.generate([req(PROMPTS[0], n, max_tokens=8) for n in (None, "lora", "dora")])
+        for g, n in zip(mixed, (None, "lora", "dora")):
+            ids = eng.tokenizer(PROMPTS[0]).input_ids
+            assert g.text == eng.tokenizer.decode(refs.greedy(n, ids, 8)[0], skip_special_tokens=True)
+    finally:
+        eng.close()
