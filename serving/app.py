@@ -49,6 +49,60 @@ from serving.engine import Generation, StreamDelta, TokenLogprob
 log = logging.getLogger(__name__)
 
 HTTP_THREADS = 256
+MAX_BODY_BYTES = 1 << 20
+"""Largest request body taken (1 MiB: 250x the default prompt limit); larger ones get 413 before they are read."""
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over `limit` bytes, by its Content-Length or, when chunked, as soon as the
+    bytes received pass it (the body is read here, at most `limit` bytes of it, and handed on whole), so a huge body
+    never sits in memory."""
+
+    def __init__(self, app, limit: int, on_reject=None):
+        self.app, self.limit, self.on_reject = app, limit, on_reject
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        try:
+            declared = int(length) if length is not None else None
+        except ValueError:
+            declared = None
+        if declared is not None and declared > self.limit:
+            return await self._reject(send, declared)
+        if declared is not None:  # within the limit: the server enforces Content-Length itself
+            return await self.app(scope, receive, send)
+        parts, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            parts.append(message.get("body", b""))
+            seen += len(parts[-1])
+            if seen > self.limit:
+                return await self._reject(send, seen)
+            if not message.get("more_body", False):
+                break
+        body, done = b"".join(parts), False
+
+        async def replay():
+            nonlocal done
+            if done:
+                return await receive()
+            done = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, send, size: int):
+        if self.on_reject is not None:
+            self.on_reject()
+        body = json.dumps(APIError(413, f"the request body has more than {self.limit} bytes ({size} seen); send a "
+                                        f"smaller request", code="body_too_large").body()).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 """Requests served at once: a batching engine decodes them together, so the thread pool must not be the limit."""
 
 
@@ -228,7 +282,7 @@ class _Strip:
         return body
 
 
-def create_app(state: ServerState | ControlPlane) -> FastAPI:
+def create_app(state: ServerState | ControlPlane, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     control = state if isinstance(state, ControlPlane) else ControlPlane(state)
     st = control.state
 
@@ -245,6 +299,8 @@ def create_app(state: ServerState | ControlPlane) -> FastAPI:
             control.stop()
 
     app = FastAPI(title="adapterops serving", version="0.2.0", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=max_body_bytes,
+                       on_reject=lambda: control.metrics.rejected.labels("body_too_large").inc())
     app.state.serving = st
     app.state.control = control
     app.state.metrics = control.metrics

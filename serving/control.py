@@ -114,15 +114,85 @@ class ServerState:
             self.api_key = None  # an empty key must never open the admin API
 
 
+class GatesFailed(RuntimeError):
+    """The registry says this version failed its offline gates (or does not hold it): it never gets traffic."""
+
+
+class RefMismatch(ValueError):
+    """A load named one version and a registry ref that resolves to another."""
+
+
+def verify_adapter_dir(path: Path) -> str:
+    """Refuse, with the reason, an adapter directory no engine should serve (no or unreadable adapter_config.json,
+    no adapter_model.safetensors, weights that are not finite); returns its content hash, so a reload after an
+    eviction can check it is still the same bytes."""
+    import json
+
+    from registry.hashing import tree_hash
+
+    path = Path(path)
+    cfg = path / "adapter_config.json"
+    weights = path / "adapter_model.safetensors"
+    if not path.is_dir():
+        raise AdapterLoadError(f"{path} is not a directory; give a PEFT adapter directory (adapter_config.json + "
+                               f"adapter_model.safetensors)")
+    try:
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise AdapterLoadError(f"{cfg} cannot be read as a PEFT adapter config ({type(e).__name__}: {e}); "
+                               f"re-export the adapter") from None
+    if not weights.is_file():
+        raise AdapterLoadError(f"{path} has no adapter_model.safetensors; re-export the adapter with "
+                               f"save_pretrained (safetensors only)")
+    try:
+        import torch
+        from safetensors.torch import load_file
+
+        for name, t in load_file(str(weights)).items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise AdapterLoadError(f"{weights}: tensor {name} holds NaN or infinite values; the adapter is "
+                                       f"broken (a diverged run?), retrain it")
+    except AdapterLoadError:
+        raise
+    except Exception as e:  # safetensors raises its own error types on truncated or corrupt files
+        raise AdapterLoadError(f"{weights} cannot be read ({type(e).__name__}: {e}); the file is truncated or "
+                               f"corrupt: re-download or re-export it") from None
+    return tree_hash(path)
+
+
+def require_gates(state: ServerState, family: str, version: str) -> None:
+    """With a registry, only versions it holds with passed gates may get traffic; GatesFailed otherwise."""
+    if state.registry is None or version == BASE:
+        return
+    try:
+        info = state.registry.get(family, version)
+    except Exception as e:
+        raise GatesFailed(f"{family}@{version} is not a version the registry holds ({type(e).__name__}: {e}); "
+                          f"register it (gates run at registration) before serving it") from None
+    if not info.gates_passed():
+        raise GatesFailed(f"{family}@{version} failed its offline gates (gates_passed="
+                          f"{info.tags.get('gates_passed')!r}); it never gets traffic: fix it and register a new "
+                          f"version")
+
+
 def load_from_registry(state: ServerState, family: str, version: str, ref: str | None = None) -> Path:
     """Download `ref` (default family@version), hash-verified and refused (BaseMismatch) when trained on another
-    base, and load it into the engine as family@version; returns its directory. Callers record it in
-    state.families."""
+    base, RefMismatch when ref names another version, GatesFailed when its gates failed, and load it into the engine
+    as family@version; returns its directory. Callers record it in state.families."""
     if state.registry is None or state.adapter_cache is None:
         raise LookupError(f"cannot load {family}@{version}: this server has no registry (and adapter_cache) to "
                           f"resolve it from; load it with a path")
     resolved = state.registry.resolve(ref or f"{family}@{version}", state.adapter_cache,
                                       expected_base_sha256=state.engine.base_sha256)
+    if (resolved.family, str(resolved.version)) != (family, str(version)):
+        raise RefMismatch(f"ref {ref!r} resolves to {resolved.family}@{resolved.version}, not {family}@{version}; "
+                          f"load it under its own family and version")
+    if resolved.tags.get("gates_passed") != "true":
+        raise GatesFailed(f"{family}@{version} failed its offline gates (gates_passed="
+                          f"{resolved.tags.get('gates_passed')!r}); it never gets traffic: fix it and register a new "
+                          f"version")
     state.engine.load(f"{family}@{version}", resolved.path, base_sha256=resolved.base_sha256)
     return Path(resolved.path).resolve()
 
@@ -175,6 +245,7 @@ class ControlPlane:
         self.inflight: Counter = Counter()  # engine key -> requests routed to it, not yet answered
         self.drained = threading.Condition(self.lock)  # notified when a key's in-flight count drops to 0
         self.recent_ids: OrderedDict[str, None] = OrderedDict()
+        self.digests: dict[str, str] = {}  # engine key -> content hash of a directory loaded by path
         self._tokenizer = None
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
@@ -250,21 +321,30 @@ class ControlPlane:
         key = f"{family}@{version}"
         if "@" in family or not family or not version or version == BASE:
             raise APIError(400, f"invalid family/version {key!r}", param="family")
+        digest = None
         try:
             if path is not None:
+                if ref is not None:
+                    raise APIError(400, "send 'path' or 'ref', not both", param="ref")
+                digest = verify_adapter_dir(Path(path))
+                require_gates(st, family, version)
                 self.engine.load(key, Path(path), base_sha256=base_sha256)
             elif st.registry is not None:
                 if st.adapter_cache is None:
                     raise APIError(400, "the server has a registry but no adapter_cache directory to download into")
                 try:
                     path = self.load_from_registry(family, version, ref)
-                except (AdapterLoadError, EngineError):
+                except (AdapterLoadError, EngineError, GatesFailed):
                     raise
+                except RefMismatch as e:
+                    raise APIError(400, str(e), param="ref", code="ref_mismatch") from None
                 except Exception as e:
                     raise APIError(409 if type(e).__name__ == "BaseMismatch" else 400,
                                    f"cannot resolve {ref or key} in the registry: {e}", code="registry_error") from None
             else:
                 raise APIError(400, "send 'path' (this server has no registry to resolve a ref)", param="path")
+        except GatesFailed as e:
+            raise APIError(409, str(e), param="version", code="gates_failed") from None
         except AdapterLoadError as e:
             raise APIError(400, str(e), param="path" if ref is None and path is not None else "ref",
                            code="adapter_load_failed") from None
@@ -273,6 +353,10 @@ class ControlPlane:
         new_route = False
         with self.lock:
             st.families.setdefault(family, {})[version] = Path(path).resolve()
+            if digest is not None:
+                self.digests[key] = digest
+            else:
+                self.digests.pop(key, None)  # registry copies are re-verified by the registry on reload
             try:
                 st.router.get(family)
             except UnknownFamily:
@@ -379,6 +463,11 @@ class ControlPlane:
         st = self.state
         if fallback not in (None, BASE) and fallback not in self.known_versions(family):
             raise APIError(404, f"fallback version {fallback} of {family} is not loaded", param="fallback")
+        if fallback not in (None, BASE):
+            try:
+                require_gates(st, family, fallback)
+            except GatesFailed as e:
+                raise APIError(409, str(e), param="fallback", code="gates_failed") from None
         try:
             route = st.router.set_fallback(family, fallback).as_dict()
         except UnknownFamily:
@@ -462,9 +551,17 @@ class ControlPlane:
         for name, v in (("champion", champion), ("challenger", challenger)):
             try:
                 self.ensure_version(family, v)
+            except GatesFailed as e:
+                raise APIError(409, f"refusing the canary of {family}@{challenger}: {e}", param=name,
+                               code="gates_failed") from None
             except Exception as e:
                 raise APIError(404, f"{name} {family}@{v} is not loaded; load it first ({e})", param=name,
                                code="model_not_found") from None
+        try:
+            require_gates(st, family, challenger)
+        except GatesFailed as e:
+            raise APIError(409, f"refusing the canary of {family}@{challenger}: {e}", param="challenger",
+                           code="gates_failed") from None
         parity = self.parity(family, challenger)
         if parity["passed"] is False:
             raise APIError(409, f"train/serve parity check failed for {family}@{challenger} on the "
@@ -610,13 +707,28 @@ class ControlPlane:
                     del self.inflight[target.key]
                     self.drained.notify_all()
 
+    def reload(self, target: Target, missing: AdapterNotLoaded) -> None:
+        """Bring back a version the engine evicted (its LRU) or lost (a restarted vLLM), verified as on its first
+        load: through the registry (hash-checked copy) when it came from there, else only if its directory still
+        holds the same bytes."""
+        path = self.known_versions(target.family).get(target.version)
+        if path is None:
+            raise missing
+        with self.lock:
+            digest = self.digests.get(target.key)
+        if digest is None and self.state.registry is not None and self.state.adapter_cache is not None:
+            load_from_registry(self.state, target.family, target.version)
+            return
+        if digest is not None and verify_adapter_dir(path) != digest:
+            raise AdapterLoadError(f"{target.key} was evicted and its directory {path} has changed since it was "
+                                   f"loaded; refusing to serve different bytes under the same version: load it again "
+                                   f"explicitly")
+        self.engine.load(target.key, path)
+
     def _generate(self, target: Target, request: GenerationRequest) -> Generation:
         [result] = self.engine.generate([request])
         if isinstance(result, AdapterNotLoaded):
-            path = self.known_versions(target.family).get(target.version)
-            if path is None:
-                raise result
-            self.engine.load(target.key, path)  # evicted by the engine's LRU: bring it back
+            self.reload(target, result)  # evicted by the engine's LRU: bring it back, verified
             [result] = self.engine.generate([request])
         if isinstance(result, Exception):
             raise result
@@ -649,11 +761,8 @@ class ControlPlane:
             it = iter(self.engine.stream(request))
             first = next(it)
         except AdapterNotLoaded as exc:
-            path = self.known_versions(target.family).get(target.version)
             try:
-                if path is None:
-                    raise exc
-                self.engine.load(target.key, path)
+                self.reload(target, exc)
                 it = iter(self.engine.stream(request))
                 first = next(it)
             except Exception as exc2:
@@ -706,6 +815,13 @@ class ControlPlane:
             self.metrics.observe(target.family, target.version, target.route, "503", latency_ms / 1e3, 0)
             return APIError(503, f"the {self.engine.name} engine cannot serve {model!r} now (request {rid}): {exc}",
                             type="server_error", code="engine_unavailable")
+        if isinstance(exc, (AdapterLoadError, GatesFailed)):  # an evicted version could not be brought back
+            log.error("cannot reload %s for %s: %s", target.key, model, exc)
+            self.metrics.observe(target.family, target.version, target.route, "503", latency_ms / 1e3, 0)
+            self.metrics.error(target.family, target.version, "adapter_unavailable")
+            self.record_request(rid, target, prompt, None, latency_ms, f"{type(exc).__name__}: {exc}")
+            return APIError(503, f"{target.key} cannot be served now (request {rid}): {exc}", type="server_error",
+                            code="adapter_unavailable")
         log.error("completion failed for %s: %s: %s", model, type(exc).__name__, exc)
         error = f"{type(exc).__name__}: {exc}"
         self.metrics.observe(target.family, target.version, target.route, "500", latency_ms / 1e3, 0)
@@ -794,6 +910,16 @@ class ControlPlane:
         if missing:
             raise APIError(503, f"routed versions are not loaded: {missing}", type="server_error", code="not_ready")
         try:
+            held = set(self.engine.loaded())
+            for family, route in self.state.router.families().items():
+                for v in (route.champion, route.challenger, route.fallback):
+                    key = f"{family}@{v}"
+                    if v is not None and v != BASE and key not in held:  # evicted: ready only once it is back
+                        try:
+                            self.reload(Target(family, v, ROUTE_CHAMPION, key), AdapterNotLoaded(key))
+                        except (AdapterLoadError, GatesFailed, AdapterNotLoaded, LookupError) as e:
+                            raise APIError(503, f"routed version {key} was evicted and cannot be reloaded: {e}",
+                                           type="server_error", code="not_ready") from None
             engine = self.engine.health()
         except EngineError as e:
             raise APIError(503, f"the {self.engine.name} engine is not ready: {e}", type="server_error",
