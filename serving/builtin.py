@@ -224,6 +224,7 @@ class _Seq:
     finish: str | None = None
     result: Generation | Exception | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    t_submit: float = field(default_factory=time.monotonic)
 
 
 def _stop_holdback(text: str, stops: tuple[str, ...]) -> int:
@@ -255,6 +256,10 @@ class BuiltinEngine:
         self.device = torch.device(device)
         if max_lora_rank < 1 or max_loras < 1:
             raise ValueError(f"max_lora_rank and max_loras must be >= 1, got {max_lora_rank}, {max_loras}")
+        for what, v in (("max_batch", max_batch), ("max_seq_len", max_seq_len), ("max_prefill_tokens",
+                                                                                   max_prefill_tokens)):
+            if v is not None and v < 1:
+                raise ValueError(f"{what} must be >= 1, got {v}")
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device; this engine runs on {self.device}")
         config = AutoConfig.from_pretrained(self.base_path)
@@ -310,7 +315,8 @@ class BuiltinEngine:
         self._running: dict[int, _Seq] = {}
         self._free_rows = list(range(self.max_batch))
         self._admitting: list[_Seq] = []  # taken off _waiting, being prefilled (in neither queue)
-        self._progress = 0  # prefills + decode steps run; callers watch it to tell a slow engine from a stuck one
+        self._progress_t = time.monotonic()  # when the scheduler last finished a prefill or a decode step: callers
+        # watch it to tell a busy engine from a stuck one
         self._closed = False
         self._error: BaseException | None = None
         self._sample_gen = torch.Generator(device=self.device)
@@ -547,6 +553,8 @@ class BuiltinEngine:
             self._slots[index] = slot  # reserved: nothing routes to it until it is in _keys
         try:
             with self._model_lock:
+                if self._closed:  # close() released the packs
+                    raise EngineError("the built-in engine is closed")
                 width = max(weights.rank, self._width)
                 if self.device.type == "cuda":
                     width = -(-width // 8) * 8  # tensor-core friendly, and fewer re-packs
@@ -708,7 +716,6 @@ class BuiltinEngine:
     def _wait_locked(self, seq: _Seq, ready) -> None:
         """Wait (holding _cv) until ready(); if the scheduler is gone or makes no progress for request_timeout_s,
         answer seq with EngineError instead of waiting for ever."""
-        seen, since = self._progress, time.monotonic()
         while not ready():
             self._cv.wait(0.5)
             if ready():
@@ -718,9 +725,7 @@ class BuiltinEngine:
                 self._finish_locked(seq, EngineError(f"the built-in engine's scheduler is not running ({why!r}); "
                                                      f"restart the engine"))
                 return
-            if self._progress != seen:
-                seen, since = self._progress, time.monotonic()
-            elif time.monotonic() - since > self.request_timeout_s:
+            if time.monotonic() - max(self._progress_t, seq.t_submit) > self.request_timeout_s:
                 err = EngineError(f"the built-in engine made no progress for {self.request_timeout_s:.0f} s "
                                   f"(scheduler stuck); request {seq.req.request_id or seq.req.prompt[:40]!r} dropped")
                 self._cancel_locked(seq, err)
@@ -874,7 +879,7 @@ class BuiltinEngine:
                                 if s.row >= 0:  # not finished at its first token
                                     self._running[s.row] = s
                             self._admitting = []
-                            self._progress += 1
+                            self._progress_t = time.monotonic()
                             self._cv.notify_all()
                     with self._cv:
                         running = dict(self._running)
@@ -882,7 +887,7 @@ class BuiltinEngine:
                         with self._model_lock:
                             self._decode(running)
                         with self._cv:
-                            self._progress += 1
+                            self._progress_t = time.monotonic()
         except BaseException as exc:  # every waiting caller must hear of it
             log.exception("the built-in engine's scheduler failed; every queued and running request gets EngineError")
             with self._cv:
@@ -951,7 +956,14 @@ class BuiltinEngine:
                 mode = "dora" if dora else "lora"
                 onehot, _ = self._onehot(seqs, nb)
                 self._st_onehot[:nb].copy_(onehot, non_blocking=True)
-            logits = self._graph_step(nb, length, mode)
+            try:
+                logits = self._graph_step(nb, length, mode)
+            except RuntimeError as exc:  # an op that cannot be captured on this torch/driver: serve eagerly
+                log.warning("CUDA graph capture of the decode step failed (%r); the built-in engine decodes without "
+                            "CUDA graphs from now on", exc)
+                self.cuda_graphs = False
+                self._graphs.clear()
+                return self._decode(running)
         else:
             if len(slots) == 1:
                 lora = self._lora_ctx(None, next(iter(slots)), False)
