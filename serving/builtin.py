@@ -19,13 +19,20 @@ How it works (a vLLM-lite, for one Llama-architecture base):
   g = matrices fused) with the scale folded into B. A batch of mixed adapters costs two matmuls per fused matrix:
   x @ A^T over every slot's columns, masked to each row's own slot (a one-hot mask), then @ B^T — no per-row gather
   and no per-adapter loop, whatever the mix. A batch that shares one adapter uses its block only (eager path).
-  DoRA: y = g * (W x + s B A x), g = magnitude / ||W + s B A||_row precomputed at load (PEFT's definition).
+  DoRA: y = g * (W x + s B A x) + bias, g = magnitude / ||W + s B A||_row precomputed at load (PEFT's definition).
 - On CUDA the decode step is captured as a CUDA graph per (batch bucket, attention-length bucket, mode), so a step
   costs the GPU's time rather than ~1000 Python kernel launches; the one-hot mask is a static input, so switching
   and mixing adapters never re-captures.
 
 Per-request statistics come from monitoring.logit_stats.stats_from_logprobs over the top-STATS_TOP_K log-probs, the
 same estimator every engine uses.
+
+Failures stay bounded: every caller's wait ends (a dead scheduler, or one that makes no progress for request_timeout_s,
+answers EngineError); a closed stream frees its row at the next step; a row whose logits turn non-finite fails alone
+(its KV rows cleared); non-finite adapter weights are refused at load (the masked matmul of a mixed batch multiplies
+every slot's B by 0, and 0 * inf = NaN would reach every adapter's rows).
+
+Tests: tests/integration/test_serving_builtin.py (parity with PEFT/transformers and the PoolEngine).
 """
 
 from __future__ import annotations

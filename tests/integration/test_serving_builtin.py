@@ -234,6 +234,29 @@ def test_mixed_batch_equals_solo(engine):
     assert_idle(engine)
 
 
+def test_rows_finish_independently(engine):
+    """Different max_tokens in one batch: rows finish (at the prefill, too) and free while the others decode on."""
+    lengths = [1, 5, 12, 2, 9, 1, 7, 3]
+    solo = [gen1(engine, p, n, max_tokens=m) for (p, n), m in zip(MIX, lengths)]
+    batch = engine.generate([req(p, n, max_tokens=m) for (p, n), m in zip(MIX, lengths)])
+    assert [(b.text, b.completion_tokens) for b in batch] == [(s.text, s.completion_tokens) for s in solo]
+    assert [b.completion_tokens for b in batch] == lengths
+    assert_idle(engine)
+
+
+def test_prefill_token_budget_splits_admission(engine):
+    eng = BuiltinEngine(BASE, max_batch=4, max_prefill_tokens=45)
+    try:
+        items = [(p, None) for p in PROMPTS_MORE] * 2
+        want = [gen1(engine, p, None, max_tokens=6).text for p, _ in items]
+        assert [g.text for g in eng.generate([req(p, n, max_tokens=6) for p, n in items])] == want
+        [long] = eng.generate([req("word " * 60, None, max_tokens=2)])
+        assert isinstance(long, ContextLengthExceeded) and "max_prefill_tokens" in str(long)
+        assert_idle(eng)
+    finally:
+        eng.close()
+
+
 def test_sixteen_threads_with_mixed_adapters(engine):
     items = [(PROMPTS_MORE[i % len(PROMPTS_MORE)], [None, *SPECS][i % (len(SPECS) + 1)]) for i in range(16)]
     solo = _solo(engine, items, max_tokens=10)
