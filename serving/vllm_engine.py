@@ -129,7 +129,8 @@ def _is_context_error(msg: str) -> bool:
 def _server_failure(status: int, msg: str) -> bool:
     """A 5xx that says the server is broken (its engine died, a proxy in front has no backend), not that it refused
     this adapter (vLLM answers 500 "Call to add_lora method failed: ..." for an adapter it cannot load)."""
-    return status in (502, 503, 504) or not msg or "EngineCore encountered an issue" in msg or "EngineDead" in msg
+    return (status in (502, 503, 504) or msg == f"HTTP {status}" or "EngineCore encountered an issue" in msg
+            or "EngineDead" in msg)
 
 
 def _token_id(key: str) -> int:
@@ -320,12 +321,29 @@ class VLLMEngine:
                     continue
                 for m in models:
                     if m.get("id") == BASE_MODEL and m.get("max_model_len"):
+                        self._verify_base(replica, m.get("root"))
                         self._max_model_len = int(m["max_model_len"])
                         return self._max_model_len
                 raise EngineError(f"vLLM {replica.url} does not serve the base as model {BASE_MODEL!r} (start it "
                                   f"with --served-model-name {BASE_MODEL})")
             raise self._all_down(errors)
         return self._max_model_len
+
+    def _verify_base(self, replica: _Replica, root: str | None) -> None:
+        """EngineError when the replica serves a base directory (readable here) whose weights are not base_path's:
+        the engine would check adapters against one base and serve them on another."""
+        if not root or Path(root).resolve() == self.base_path.resolve() or not Path(root).is_dir():
+            return  # the same directory, or a path on another host (not checkable from here)
+        from registry.hashing import model_weights_hash
+
+        try:
+            served = model_weights_hash(Path(root))
+        except OSError:
+            return
+        if served != self.base_sha256:
+            raise EngineError(f"vLLM {replica.url} serves the base {root} (sha256:{served[:12]}…), not this engine's "
+                              f"{self.base_path} (sha256:{self.base_sha256[:12]}…); start vLLM with --model "
+                              f"{self.base_path}")
 
     def _check_context(self, req: GenerationRequest) -> None:
         """vLLM clamps max_tokens to what the context leaves; the Engine contract refuses instead (as the built-in

@@ -409,6 +409,25 @@ def test_server_that_exits_early_reports_its_log(tmp_path):
     assert env["HF_HUB_OFFLINE"] == "1" and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
 
 
+def test_engine_on_another_base_than_the_server_refuses_to_serve(vllm_server, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other-base"
+    shutil.copytree(BASE, other)
+    tensors = load_file(str(other / "model.safetensors"))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1.0
+    save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
+    eng = VLLMEngine([vllm_server.url], other)
+    try:
+        [res] = eng.generate([GenerationRequest(PROMPTS[0], None, SamplingParams(max_tokens=2))])
+        assert isinstance(res, EngineError) and "serves the base" in str(res) and str(other) in str(res), res
+    finally:
+        eng.close()
+
+
 def test_zz_server_restart_mid_traffic(vllm_server, engine):
     """vLLM goes away (crash, redeploy) and comes back on the same URL without the adapters: while it is down
     requests fail fast with EngineError naming it; once it is back the engine reloads what it holds and serves the
