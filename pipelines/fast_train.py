@@ -20,9 +20,9 @@ or bitsandbytes.
   by default (`liger_layers="auto"`): Inductor fuses the same math with its neighbours (the residual adds, the LoRA
   adds) and Liger's autograd Functions would break the graph; they are used when the layers are not compiled.
 - Fused LoRA linears (`fuse_lora`): each plain LoRA layer (one active adapter, no dropout, nn.Linear base) runs as
-  one autograd Function: y = x W^T, then y += s (x A^T) B^T inside the matmul (addmm, no separate [tokens, out]
-  temporary and add), and in the backward dx = g W + (s g B) A likewise accumulated in one matmul. Same function and
-  gradients as PEFT's forward (tested on the CPU in fp32).
+  one custom op with its own backward: y = x W^T, then y += s (x A^T) B^T in place inside the matmul (addmm_, no
+  separate [tokens, out] temporary and add), and in the backward dx = g W + (s g B) A likewise accumulated in place.
+  Same function and gradients as PEFT's forward (tested on the CPU in fp32).
 - Liger's patching functions also replace module-level names of the model's modeling file (apply_rotary_pos_emb,
   LlamaRMSNorm, LlamaMLP): every model built later in the process would get them, on the CPU too. Those names are
   restored right after patching; RoPE goes to this instance's attention modules only.
@@ -237,37 +237,79 @@ def apply_liger(model) -> str | None:
     return None
 
 
+_LORA_OPS: dict = {}
+
+
 def _lora_function():
+    """The fused LoRA linear as two custom ops (forward, backward) with autograd: opaque to torch.compile, so their
+    in-place accumulation (addmm_ into the output the first matmul wrote) stays in place. Written as a plain autograd
+    Function, Inductor turned each addmm into a device copy of the output plus an addmm (as many bytes moved as
+    PEFT's separate add). Returns an object whose .apply(x, weight, bias, A, B, scaling) is the layer's output."""
+    if _LORA_OPS:
+        return _LORA_OPS["fn"]
     import torch
 
-    class LoraLinear(torch.autograd.Function):
-        """y = x W^T (+ b) + s (x A^T) B^T with the adapter term accumulated inside the second matmul (addmm), and
-        dx = g W + (s g B) A likewise; W (and b) frozen. x [..., in]; W [out, in]; A [r, in]; B [out, r]."""
+    # explicit schemas: this module's `from __future__ import annotations` leaves the hints as strings
+    @torch.library.custom_op("adapterops::lora_linear", mutates_args=(),
+                             schema="(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, float scaling)"
+                                    " -> (Tensor, Tensor)")
+    def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                    B: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, in] -> (y = x W^T (+ b) + s (x A^T) B^T [T, out], u = x A^T [T, r])."""
+        u = torch.mm(x, A.t())
+        y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+        y.addmm_(u, B.t(), alpha=scaling)
+        return y, u
+
+    @lora_linear.register_fake
+    def _(x, weight, bias, A, B, scaling):
+        return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], A.shape[0])
+
+    @torch.library.custom_op("adapterops::lora_linear_backward", mutates_args=(),
+                             schema="(Tensor g, Tensor x, Tensor u, Tensor weight, Tensor A, Tensor B, float scaling,"
+                                    " bool need_dx) -> (Tensor, Tensor, Tensor)")
+    def lora_linear_backward(g: torch.Tensor, x: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
+                             A: torch.Tensor, B: torch.Tensor, scaling: float,
+                             need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dx = g W + (s g B) A [T, in] or empty, dA = (s g B)^T x, dB = s g^T u)."""
+        gu = torch.mm(g, B).mul_(scaling)
+        grad_B = torch.mm(g.t(), u).mul_(scaling)
+        grad_A = torch.mm(gu.t(), x)
+        if need_dx:
+            dx = torch.mm(g, weight)
+            dx.addmm_(gu, A)
+        else:
+            dx = g.new_empty(0)
+        return dx, grad_A, grad_B
+
+    @lora_linear_backward.register_fake
+    def _(g, x, u, weight, A, B, scaling, need_dx):
+        dx = g.new_empty(g.shape[0], weight.shape[1]) if need_dx else g.new_empty(0)
+        return dx, A.new_empty(A.shape), B.new_empty(B.shape)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, A, B, scaling = inputs
+        ctx.save_for_backward(x, output[1], weight, A, B)
+        ctx.scaling = scaling
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, grad_y, grad_u):
+        x, u, weight, A, B = ctx.saved_tensors
+        need_dx = bool(ctx.needs_input_grad[0])
+        dx, grad_A, grad_B = lora_linear_backward(grad_y.contiguous(), x, u, weight, A, B, ctx.scaling, need_dx)
+        return (dx if need_dx else None), None, None, grad_A, grad_B, None
+
+    lora_linear.register_autograd(backward, setup_context=setup_context)
+
+    class LoraLinear:
+        """y = x W^T (+ b) + s (x A^T) B^T for x [..., in]; W (and b) frozen."""
 
         @staticmethod
-        def forward(ctx, x, weight, bias, A, B, scaling: float):
-            x2 = x.reshape(-1, x.shape[-1])
-            u = torch.mm(x2, A.t())
-            y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
-            y = torch.addmm(y, u, B.t(), alpha=scaling)
-            ctx.save_for_backward(x2, u, weight, A, B)
-            ctx.scaling = scaling
-            ctx.in_shape = x.shape
+        def apply(x, weight, bias, A, B, scaling: float):
+            y, _ = lora_linear(x.reshape(-1, x.shape[-1]), weight, bias, A, B, scaling)
             return y.view(*x.shape[:-1], y.shape[-1])
 
-        @staticmethod
-        def backward(ctx, g):
-            x2, u, weight, A, B = ctx.saved_tensors
-            s = ctx.scaling
-            g2 = g.reshape(-1, g.shape[-1])
-            gu = torch.mm(g2, B) * s
-            grad_B = torch.mm(g2.t(), u) * s
-            grad_A = torch.mm(gu.t(), x2)
-            dx = None
-            if ctx.needs_input_grad[0]:
-                dx = torch.addmm(torch.mm(g2, weight), gu, A).view(ctx.in_shape)
-            return dx, None, None, grad_A, grad_B, None
-
+    _LORA_OPS["fn"] = LoraLinear
     return LoraLinear
 
 

@@ -56,3 +56,30 @@ def test_bf16_packed_training_on_cuda_saves_an_fp32_adapter_that_reloads(method,
     fp32_val = train.eval_loss(model, rows, AutoTokenizer.from_pretrained(BASE).pad_token_id)
     # trained and evaluated in bf16 on the GPU, re-evaluated in fp32 on the CPU: close, not equal
     assert fp32_val == pytest.approx(m["metrics"]["val_loss"], rel=0.03)
+
+
+def test_liger_patches_stay_on_their_model_instance():
+    """fast_train.apply_liger patches one model: Liger's own patching also rebinds names in transformers' modeling
+    module (RoPE, RMSNorm and MLP classes), after which any model built later in the process, a CPU one too, would
+    run Triton kernels. Those names are put back; the patched model keeps Liger's RoPE and computes the same loss."""
+    pytest.importorskip("liger_kernel")
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama import modeling_llama as ml
+
+    from pipelines import fast_train
+
+    before = (ml.apply_rotary_pos_emb, ml.LlamaRMSNorm, ml.LlamaMLP)
+    model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32).cuda()
+    ids = torch.randint(5, 4000, (2, 64), device="cuda")
+    with torch.no_grad():
+        want = float(model(input_ids=ids, labels=ids).loss)
+    assert fast_train.apply_liger(model) is None
+    assert (ml.apply_rotary_pos_emb, ml.LlamaRMSNorm, ml.LlamaMLP) == before
+    attn = model.model.layers[0].self_attn
+    assert attn.forward.__func__.__globals__["apply_rotary_pos_emb"] is not before[0]  # Liger's, on this instance
+    assert type(model.model.layers[0].input_layernorm).forward is not model.model.layers[0].input_layernorm.forward
+    with torch.no_grad():
+        assert float(model(input_ids=ids, labels=ids).loss) == pytest.approx(want, rel=1e-3)
+        later = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)  # on the CPU: plain modules
+        assert type(later.model.norm) is before[1]
+        later(input_ids=ids.cpu())
