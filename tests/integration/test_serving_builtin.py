@@ -50,23 +50,34 @@ SPECS = {
     "pattern": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "o_proj", "down_proj"],
                 "rank_pattern": {"k_proj": 8}, "alpha_pattern": {"o_proj": 2, "down_proj": 16},
                 "layers_to_transform": [1, 3]},
+    "pissa": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
+              "init_lora_weights": "pissa_niter_4"},  # exported as plain LoRA of rank 2r, what training ships
 }
 KEYS = {name: f"{name}@1" for name in SPECS}
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device"))]
 
 
-def _make(dest: Path, seed: int, **spec) -> Path:
+def _make(dest: Path, seed: int, init_lora_weights=False, **spec) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(BASE)
-    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **spec))
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=init_lora_weights, **spec))
+    if init_lora_weights is not False:  # PiSSA: save the init, "train" (perturb), export converted to plain LoRA
+        peft_model.peft_config["default"].init_lora_weights = True
+        peft_model.save_pretrained(dest.with_name(dest.name + "-init"))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
+            if init_lora_weights is not False and "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+            elif "lora_B" in name:
                 p.mul_(0.5)
             if "lora_magnitude_vector" in name:  # at init g = 1: make the magnitude matter
                 p.mul_(torch.empty_like(p).uniform_(0.6, 1.4))
-    peft_model.save_pretrained(dest)
+    if init_lora_weights is not False:
+        peft_model.save_pretrained(dest, path_initial_model_for_weight_conversion=str(dest.with_name(
+            dest.name + "-init")))
+    else:
+        peft_model.save_pretrained(dest)
     return dest
 
 
@@ -112,7 +123,7 @@ def refs(adapters) -> Refs:
 @pytest.fixture(scope="module", params=DEVICES)
 def engine(request, adapters):
     device = request.param
-    eng = BuiltinEngine(BASE, device=device, dtype=torch.float32, max_lora_rank=16, max_loras=8, max_batch=8,
+    eng = BuiltinEngine(BASE, device=device, dtype=torch.float32, max_lora_rank=16, max_loras=10, max_batch=8,
                         cuda_graphs=device == "cuda")
     for name, path in adapters.items():
         eng.load(KEYS[name], path)
@@ -212,7 +223,7 @@ def test_stats_match_pool_engine(engine, pool_engine, name):
 # ---------------------------------------------------------------------------------------------------- batching
 
 MIX = [(PROMPTS_MORE[i % len(PROMPTS_MORE)], name) for i, name in enumerate(
-    [None, "lora", "rslora", "dora", "r16", "qv", "pattern", "lora", None, "dora", "qv", "rslora"])]
+    [None, "lora", "rslora", "dora", "r16", "qv", "pattern", "pissa", None, "dora", "qv", "rslora"])]
 
 
 def _solo(engine, items, **params):
@@ -230,7 +241,7 @@ def test_mixed_batch_equals_solo(engine):
         for k in s.stats:
             assert b.stats[k] == pytest.approx(s.stats[k], rel=1e-4, abs=1e-5)
     # the one batch really mixed adapters (else it is the single-adapter path again)
-    assert len({n for _, n in MIX}) == 7
+    assert len({n for _, n in MIX}) == 8
     assert_idle(engine)
 
 
