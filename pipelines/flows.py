@@ -445,6 +445,7 @@ def demo(cfg, ws: Workspace, summary_json: Path, engine=None) -> dict:
 
     summary = {
         "family": fam, "base_model_path": str(ws.base_path), "workdir": str(ws.root),
+        "engine": state.engine.name,
         "champion": reg.alias(fam, "champion"),
         "versions": [{"version": v["version"], "method": v["method"], "gates_passed": v["gates_passed"],
                       "adapter_path": v["adapter_path"], "init_hit": v["init_hit"], "init_key": v["init_key"],

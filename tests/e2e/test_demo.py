@@ -23,7 +23,9 @@ def demo_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
     config = os.environ.get("ADAPTEROPS_E2E_CONFIG", str(REPO / "configs" / "demo-small.yaml"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(["make", "-C", str(REPO), "demo", f"WORKDIR={workdir}", f"DEMO_ARGS=--config {config}"],
+    engine = os.environ.get("ADAPTEROPS_E2E_ENGINE", "builtin")  # vllm: add --vllm-launch
+    args = f"--config {config} --engine {engine}" + (" --vllm-launch" if engine == "vllm" else "")
+    proc = subprocess.run(["make", "-C", str(REPO), "demo", f"WORKDIR={workdir}", f"DEMO_ARGS={args}"],
                           capture_output=True, text=True, timeout=1800, env=env)
     (workdir / "demo.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, f"make demo failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -34,8 +36,9 @@ def demo_run(tmp_path_factory):
 def test_summary_contract(demo_run):
     workdir, s, _ = demo_run
     for key in ("family", "base_model_path", "workdir", "champion", "versions", "alerts", "rollouts", "init_cache",
-                "stage_seconds", "mlflow_tracking_uri"):
+                "stage_seconds", "mlflow_tracking_uri", "engine"):
         assert key in s, f"summary lacks {key}"
+    assert s["engine"] == os.environ.get("ADAPTEROPS_E2E_ENGINE", "builtin")
     assert Path(s["base_model_path"]).is_dir()
     assert Path(s["workdir"]) == workdir.resolve()
     assert [v["version"] for v in s["versions"]] == ["1", "2", "3"]
