@@ -242,6 +242,8 @@ def test_mixed_batch_equals_solo(engine):
             assert b.stats[k] == pytest.approx(s.stats[k], rel=1e-4, abs=1e-5)
     # the one batch really mixed adapters (else it is the single-adapter path again)
     assert len({n for _, n in MIX}) == 8
+    if engine.device.type == "cuda":  # decoded through CUDA graphs (no silent fall back to eager)
+        assert engine.cuda_graphs and {k[2] for k in engine._graphs} >= {"lora", "dora"}, list(engine._graphs)
     assert_idle(engine)
 
 
@@ -709,6 +711,28 @@ def test_a_stuck_scheduler_answers_with_engine_error(adapters, monkeypatch):
         assert gen1(eng, PROMPTS[0], None, max_tokens=3).completion_tokens == 3
     finally:
         release.set()
+        eng.close()
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device")
+def test_cuda_bf16_default_engine(adapters, refs):
+    """The production default on a GPU: bf16 weights and cache, CUDA graphs; close to the fp32 reference."""
+    eng = BuiltinEngine(BASE, device="cuda", max_batch=16)
+    try:
+        assert eng.dtype == torch.bfloat16 and eng.cuda_graphs
+        for name in ("lora", "dora", "pissa"):
+            eng.load(KEYS[name], adapters[name])
+        for name in (None, "lora", "dora", "pissa"):
+            for pl in eng.prompt_logprobs(PROMPTS_MORE, KEYS.get(name)):
+                want, top1 = refs.prompt_logprobs(name, pl.token_ids)
+                assert (torch.tensor(pl.logprobs) - want).abs().mean() < 0.05
+                assert (torch.tensor(pl.top1_ids) == top1).float().mean() >= 0.8
+        out = eng.generate([req(p, n, max_tokens=24) for p, n in [(q, n) for q in PROMPTS_MORE
+                                                                  for n in (None, "lora", "dora", "pissa")]])
+        assert all(isinstance(g, Generation) and g.completion_tokens == 24 for g in out), out
+        assert eng.cuda_graphs and eng._graphs
+        assert_idle(eng)
+    finally:
         eng.close()
 
 
