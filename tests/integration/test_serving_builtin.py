@@ -208,6 +208,19 @@ def test_greedy_matches_hf_generate_and_pool(engine, refs, pool_engine, name):
         assert g.completion_tokens == p.completion_tokens == 10 and g.prompt_tokens == p.prompt_tokens == len(ids)
 
 
+def test_long_context_greedy_and_logprobs(engine, refs):
+    """Positions far into the cache (prompt ~300 tokens, 120 generated, near the 512-token context)."""
+    prompt = " ".join(PROMPTS_MORE) * 3
+    ids = engine.tokenizer(prompt).input_ids
+    assert 250 < len(ids) < 512 - 120
+    want_ids, want_logp = refs.greedy("rslora", ids, 120)
+    g = gen1(engine, prompt, "rslora", max_tokens=120, logprobs=0)
+    assert g.text == engine.tokenizer.decode(want_ids, skip_special_tokens=True)
+    got = torch.tensor([t.logprob for t in g.logprobs])
+    torch.testing.assert_close(got, want_logp.gather(-1, torch.tensor(want_ids)[:, None]).squeeze(-1), rtol=0,
+                               atol=1e-4)
+
+
 @pytest.mark.parametrize("name", [None, "lora", "dora", "pattern"])
 def test_stats_match_pool_engine(engine, pool_engine, name):
     for prompt in PROMPTS_MORE[:3]:
@@ -745,13 +758,16 @@ def test_cuda_graphs_need_cuda():
 
 @pytest.fixture(scope="module")
 def biased_base(tmp_path_factory) -> Path:
-    """The tiny base with random q/k/v/o and MLP biases (attention_bias, mlp_bias): PEFT adds them outside DoRA's
-    scale, and so must the engine."""
+    """The tiny base made into the other Llama shapes: random q/k/v/o and MLP biases (PEFT adds them outside DoRA's
+    scale, and so must the engine), an untied lm_head and YaRN rope scaling (attention_scaling != 1)."""
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("biased-base")
     cfg = AutoConfig.from_pretrained(BASE)
     cfg.attention_bias = cfg.mlp_bias = True
+    cfg.tie_word_embeddings = False
+    cfg.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
+                           "original_max_position_embeddings": 256}
     model = LlamaForCausalLM(cfg)
     model.load_state_dict(AutoModelForCausalLM.from_pretrained(BASE).state_dict(), strict=False)
     torch.manual_seed(0)
@@ -759,6 +775,9 @@ def biased_base(tmp_path_factory) -> Path:
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
                 p.normal_(0.0, 0.05)
+            if name == "lm_head.weight":
+                p.add_(torch.randn_like(p) * 0.02)
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
     model.save_pretrained(root)
     AutoTokenizer.from_pretrained(BASE).save_pretrained(root)
     return root
@@ -770,6 +789,8 @@ def test_biased_base_with_lora_and_dora(biased_base, tmp_path, monkeypatch):
     refs = Refs(dirs)
     eng = BuiltinEngine(biased_base, max_batch=4)
     try:
+        assert float(eng.cos[300].abs().max()) > 1.0  # YaRN's attention scaling is in the tables
+        assert not torch.equal(eng.lm_head, eng.embed)
         for n, d in dirs.items():
             eng.load(KEYS[n], d)
         for name in (None, "lora", "dora"):
