@@ -134,11 +134,20 @@ def test_parity_check_passes_and_catches_a_scaling_mismatch(engine, adapters, tm
     assert not bad["passed"] and "log-prob difference" in bad["failures"][0]
 
 
-def test_greedy_generation_and_stats_equal_the_peft_engine(engine, reference):
+def test_greedy_generation_and_stats_equal_the_peft_and_builtin_engines(engine, reference, adapters):
+    from serving.builtin import BuiltinEngine
+
     reqs = [GenerationRequest(p, k, SamplingParams(max_tokens=8))
             for p in PROMPTS[:2] for k in ("support-assistant@1", "support-assistant@2", None)]
     got = engine.generate(reqs)
     ref = reference.generate(reqs)
+    builtin = BuiltinEngine(BASE)
+    try:
+        builtin.load("support-assistant@1", adapters["lora"])
+        builtin.load("support-assistant@2", adapters["rslora"])
+        assert [g.text for g in builtin.generate(reqs)] == [g.text for g in got]
+    finally:
+        builtin.close()
     for req, g, r in zip(reqs, got, ref):
         assert not isinstance(g, Exception), g
         assert g.text == r.text, (req.adapter, g.text, r.text)
