@@ -49,7 +49,9 @@ def _prefect_env(workdir: str) -> None:
 def cmd_demo(args) -> int:
     from pipelines.demo import load_config
 
+    _check_text_file(args.config, "--config", "a UTF-8 YAML file (see configs/demo.yaml)")
     cfg = load_config(args.config)  # validate before creating anything or the slow imports
+    _check_out_dir(args.workdir, "--workdir")
     engine = _engine_spec(args)
     from pipelines.profile import load_profile
 
@@ -79,6 +81,9 @@ def _add_engine_args(p) -> None:
 def _engine_spec(args):
     from pipelines.serve import EngineSpec
 
+    for flag, value in (("--max-loras", args.max_loras), ("--max-lora-rank", args.max_lora_rank)):
+        if value < 1:
+            raise CliError(f"{flag} must be at least 1, got {value}")
     try:
         return EngineSpec(kind=args.engine, device=args.device, max_loras=args.max_loras,
                           max_lora_rank=args.max_lora_rank, vllm_urls=list(args.vllm_url),
@@ -98,8 +103,12 @@ def cmd_base_build(args, rest) -> int:
 # -- init cache --------------------------------------------------------------------------------------------------
 
 def _init_cfg(args):
+    import math
+
     from pipelines.init_cache import DEFAULT_TARGETS, InitConfig, require_bitsandbytes
 
+    if not (math.isfinite(args.alpha) and args.alpha > 0):
+        raise CliError(f"--alpha is the LoRA scaling numerator and must be a positive number, got {args.alpha}")
     cfg = InitConfig(method=args.method, rank=args.rank, alpha=args.alpha,
                      target_modules=tuple(args.targets.split(",")) if args.targets else DEFAULT_TARGETS,
                      svd_niter=args.svd_niter, device=args.init_device, base_quant=args.base_quant)
@@ -114,6 +123,11 @@ def _init_cfg(args):
 def cmd_init_cache(args) -> int:
     from registry.store import open_store
 
+    if args.action == "evict" and not args.key:
+        raise CliError("init-cache evict needs --key; list the keys with `adapterops init-cache ls`")
+    if args.action != "warm" and "://" not in args.store and not Path(args.store).exists():
+        raise CliError(f"no init cache at {args.store} (the directory does not exist); check --store (default "
+                       "work/init-cache), or warm an entry first")
     store = open_store(args.store, os.environ.get("AWS_ENDPOINT_URL"))
     if args.action == "warm":
         from pipelines import init_cache
@@ -123,6 +137,9 @@ def cmd_init_cache(args) -> int:
     elif args.action == "ls":
         for entry in store.list():
             meta = entry.get("meta", {})
+            if entry.get("corrupt"):
+                print(f"{entry['key']}  CORRUPT: {entry['corrupt']}")
+                continue
             print(f"{entry['key']}  files={len(entry['files'])}  base={meta.get('base_sha256', '?')[:12]}")
     elif args.action == "verify":
         keys = [args.key] if args.key else [e["key"] for e in store.list()]
@@ -133,8 +150,6 @@ def cmd_init_cache(args) -> int:
             print(f"{k}: {'ok' if not problems else '; '.join(problems)}")
         return 1 if bad else 0
     elif args.action == "evict":
-        if not args.key:
-            raise CliError("init-cache evict needs --key (see `adapterops init-cache ls`)")
         store.delete(args.key)
         print(f"evicted {args.key}")
     return 0
@@ -142,20 +157,80 @@ def cmd_init_cache(args) -> int:
 
 # -- train / merge -----------------------------------------------------------------------------------------------
 
+def _check_text_file(path: str, flag: str, what: str) -> Path:
+    """A file that must exist, be readable and be UTF-8 text; CliError naming the flag otherwise."""
+    p = Path(path)
+    if p.is_dir():
+        raise CliError(f"{flag} {p} is a directory; pass {what}")
+    if not p.exists():
+        raise CliError(f"{flag} {p} does not exist; pass {what}")
+    try:
+        with open(p, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CliError(f"{flag} {p} cannot be read ({e.strerror}); fix its permissions or pass {what}") from None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CliError(f"{flag} {p} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                       f"pass {what}") from None
+    return p
+
+
+def _check_jsonl(path: str, flag: str) -> None:
+    """A prompt/response dataset, read in full before any expensive work (init-cache SVD, a Prefect server)."""
+    from pipelines.data import DataError, read_jsonl
+
+    p = _check_text_file(path, flag, "a UTF-8 prompt/response JSONL file")
+    try:
+        read_jsonl(p)
+    except DataError as e:
+        hint = "" if "; " in str(e) else "; fix the file: one JSON object per line with string 'prompt' and 'response'"
+        raise CliError(f"{flag}: {e}{hint}") from None
+
+
+def _check_out_dir(path: str, flag: str = "--out") -> None:
+    p = Path(path)
+    blocker = next((q for q in [p, *p.parents] if q.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise CliError(f"{flag} {p} cannot be created: {blocker} is a file; pass a directory path")
+
+
+def _check_base(path: str, flag: str = "--base") -> None:
+    if not (Path(path) / "config.json").is_file():
+        raise CliError(f"{flag} {path} is not a model directory (no config.json); pass the directory of a saved "
+                       f"causal LM, e.g. models/tiny-llama")
+
+
+def _load_yaml_config(cls, path: str, flag: str = "--config"):
+    from pipelines.config import load
+
+    _check_text_file(path, flag, "a UTF-8 YAML file (see configs/)")
+    return load(cls, path)
+
+
 def cmd_train(args) -> int:
     from pipelines import init_cache, train
-    from pipelines.config import load
     from registry.store import open_store
 
-    cfg = load(train.TrainConfig, args.config) if args.config else train.TrainConfig()
+    # every input is checked before the init cache is touched (its SVD takes minutes on a real base)
+    _check_base(args.base)
+    _check_jsonl(args.train, "--train")
+    _check_jsonl(args.val, "--val")
+    _check_out_dir(args.out)
+    if args.parent and not (Path(args.parent) / "manifest.json").is_file():
+        raise CliError(f"--parent {args.parent} is not a training output (no manifest.json); pass the --out of an "
+                       "earlier `adapterops train`")
+    cfg = _load_yaml_config(train.TrainConfig, args.config) if args.config else train.TrainConfig()
     for flag in ("steps", "device", "precision", "checkpoint_every"):
         if getattr(args, flag) is not None:  # a flag wins over the YAML
             setattr(cfg, flag, getattr(args, flag))
     if args.packing:
         cfg.packing = True
     cfg.__post_init__()
+    init_cfg = _init_cfg(args)
     store = open_store(args.store, os.environ.get("AWS_ENDPOINT_URL"))
-    init = init_cache.run(_init_cfg(args), Path(args.base), store, Path(args.scratch))
+    init = init_cache.run(init_cfg, Path(args.base), store, Path(args.scratch))
     out = train.run(cfg, Path(args.base), init.path, Path(args.train), Path(args.val), Path(args.out),
                     parent=Path(args.parent) if args.parent else None)
     print(out)
@@ -164,9 +239,13 @@ def cmd_train(args) -> int:
 
 def cmd_merge(args) -> int:
     from pipelines import merge_quantize as mq
-    from pipelines.config import load
 
-    cfg = load(mq.MergeConfig, args.config) if args.config else mq.MergeConfig()
+    _check_out_dir(args.out)
+    if args.report_json:
+        _check_out_dir(str(Path(args.report_json).parent), "--report-json")
+        if Path(args.report_json).is_dir():
+            raise CliError(f"--report-json {args.report_json} is a directory; pass a file path")
+    cfg = _load_yaml_config(mq.MergeConfig, args.config) if args.config else mq.MergeConfig()
     if args.quantize is not None:  # the flag wins over the YAML; without it the YAML (or the default) holds
         cfg.quantize = args.quantize
         cfg.__post_init__()
@@ -191,17 +270,28 @@ def cmd_registry(args) -> int:
     from registry import display
     from registry.versions import AdapterRegistry
 
-    reg = AdapterRegistry(args.tracking_uri or None, lease_wait_seconds=getattr(args, "wait", 15.0))
+    # no registry command creates a database: a mistyped SQLite path is refused, not made into an empty registry
+    reg = AdapterRegistry(args.tracking_uri or None, lease_wait_seconds=getattr(args, "wait", 15.0), create=False)
 
     def emit(data, text: str) -> None:
         print(json.dumps(data, indent=2, default=str) if args.json else text)
 
+    def note_pending(family: str) -> None:
+        intent = reg.pending(family)
+        if intent is not None and not args.json:
+            print(f"note: an alias move of {family} is unfinished ({intent['op']} v{intent['from_version'] or '-'} "
+                  f"-> v{intent['to_version'] or '-'} by {intent['actor']}): shown as it ends; "
+                  f"`adapterops registry recover {family}` completes it", file=sys.stderr)
+
     if args.action == "list":
         families = [args.family] if args.family else reg.families()
         versions = [v for fam in families for v in reg.list_versions(fam)]
+        for fam in families:
+            note_pending(fam)
         emit([display.version_dict(v) for v in versions], display.render_list(versions))
     elif args.action == "show":
         v, history = reg.get(args.family, args.version), reg.history(args.family)
+        note_pending(args.family)
         mine = [asdict(r) for r in history if v.version in (r.from_version, r.to_version)]
         emit({**display.version_dict(v), "history": mine}, display.render_show(v, history))
     elif args.action in ("promote", "rollback"):
@@ -219,6 +309,24 @@ def cmd_registry(args) -> int:
         intent, leases = reg.in_flight(args.family)
         emit(display.history_dict(args.family, aliases, history, intent, leases),
              display.render_history(args.family, aliases, history, intent, leases))
+    elif args.action == "recover":
+        rec = reg.recover(args.family, discard_unreadable_intent=args.discard_intent)
+        if rec is None:
+            emit(None, f"{args.family}: no unfinished alias move; nothing to do")
+        else:
+            emit(asdict(rec), f"recovered: {rec.op} of {rec.family} v{rec.from_version or '-'} -> "
+                              f"v{rec.to_version or '-'} by {rec.actor} completed")
+    elif args.action == "verify":
+        rows = reg.verify(args.family, args.version)
+        bad = [r for r in rows if r["status"] != "ok"]
+        emit({"family": args.family, "ok": not bad, "artifacts": rows},
+             "\n".join(display.table(["version", "artifact", "status", "detail"],
+                                      [[r["version"], r["artifact"], r["status"], r["detail"]] for r in rows])
+                        + [f"{len(rows) - len(bad)} ok, {len(bad)} with problems"]))
+        return 1 if bad else 0
+    elif args.action == "ping":
+        res = reg.ping()
+        emit(res, f"ok: {res['uri']} answered a registry query in {res['seconds']:.3f} s")
     return 0
 
 
@@ -232,10 +340,9 @@ def cmd_serve(args) -> int:
                        f"or point MLFLOW_TRACKING_URI (or --profile) at a registry")
     fallback_cfg = None
     if args.fallback_config:
-        from pipelines.config import load
         from serving.fallback import FallbackConfig
 
-        fallback_cfg = load(FallbackConfig, args.fallback_config)
+        fallback_cfg = _load_yaml_config(FallbackConfig, args.fallback_config, "--fallback-config")
     if args.auto_canary is not None and args.auto_canary <= 0:
         raise CliError(f"--auto-canary is a polling interval in seconds and must be > 0, got {args.auto_canary}")
     if not 1 <= args.port <= 65535:
@@ -290,7 +397,17 @@ def cmd_retrain(args) -> int:
 
     from pipelines.demo import load_config
 
+    _check_text_file(args.config, "--config", "a UTF-8 YAML file (see configs/demo.yaml)")
     cfg = load_config(args.config)
+    # the files are checked before a Prefect server starts or anything is written
+    _check_base(args.base)
+    for flag, path in (("--new-train", args.new_train), ("--new-val", args.new_val), ("--old-train", args.old_train),
+                       ("--old-val", args.old_val)):
+        _check_jsonl(path, flag)
+    if args.replay_ratio is not None and not 0 <= args.replay_ratio < 1:
+        raise CliError(f"--replay-ratio is the share of old examples in the mix and must be in [0, 1), got "
+                       f"{args.replay_ratio}")
+    _check_out_dir(args.workdir, "--workdir")
     _prefect_env(args.workdir)
     from pipelines.flows import retrain
 
@@ -312,6 +429,7 @@ def cmd_schedules(args) -> int:
             raise CliError(f"{flag} must be at least 1 second, got {value}")
     from pipelines.demo import load_config
 
+    _check_text_file(args.config, "--config", "a UTF-8 YAML file (see configs/demo.yaml)")
     cfg = load_config(args.config)  # validate before starting anything
     _prefect_env(args.workdir)
     ws = _workspace(args)  # checks the base model, creates the work dir
@@ -341,11 +459,119 @@ def cmd_schedules(args) -> int:
     return 0
 
 
+# -- errors ------------------------------------------------------------------------------------------------------
+# One mapping from exception *types* (isinstance, so subclasses count) to one line `what is wrong; what to do` and an
+# exit code. Types of modules that were never imported cannot have been raised, so they are looked up lazily.
+
+def _loaded(module: str, name: str):
+    cls = getattr(sys.modules.get(module), name, None)
+    return cls if isinstance(cls, type) else None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _file_in_traceback(e: BaseException) -> str | None:
+    """The file a decoder was reading when it failed: the innermost frame's `path` or open file's name."""
+    tb, found = e.__traceback__, None
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        for key in ("path", "f", "file", "filename", "fp"):
+            value = local.get(key)
+            name = getattr(value, "name", None) if not isinstance(value, (str, Path)) else value
+            if isinstance(name, (str, Path)) and str(name) and not str(name).isdigit():
+                found = str(name)
+                break
+        tb = tb.tb_next
+    return found
+
+
+def _os_error(e: OSError) -> str:
+    where = e.filename if e.filename is not None else ""
+    if e.strerror is None or not where:  # raised by our code with its own message
+        return _one_line(str(e))
+    hint = {
+        FileNotFoundError: "check the path",
+        NotADirectoryError: "a path that must be a directory (or lie inside one) is a file; pass a directory",
+        IsADirectoryError: "a path that must be a file is a directory; pass the file",
+        FileExistsError: "a file is in the way; remove it or pass another path",
+        PermissionError: "fix its permissions or pass a path you can write",
+    }.get(type(e), "check the path and the disk")
+    return f"{e.strerror}: {where}; {hint}"
+
+
+def _hinted(e: BaseException | str, hint: str) -> str:
+    """The message on one line, ending in what to do: `hint` is added when the message names no remedy."""
+    text = _one_line(str(e))
+    return text if "; " in text else f"{text.rstrip('.')}; {hint}"
+
+
+def describe_error(e: BaseException, command: str | None = None) -> tuple[str, int] | None:
+    """(one-line message, exit code) for an error the user can act on; None for a bug (its traceback is kept)."""
+    exit_1 = tuple(c for c in (_loaded("pipelines.merge_quantize", "GateFailed"),
+                               _loaded("pipelines.train", "HealthCheckFailed")) if c)
+    if exit_1 and isinstance(e, exit_1):
+        return _one_line(str(e)), 1
+    ours = tuple(c for c in (
+        CliError, _loaded("pipelines.config", "ConfigError"), _loaded("pipelines.data", "DataError"),
+        _loaded("registry.versions", "RegistryError"), _loaded("registry.store", "CorruptArtifact"),
+        _loaded("registry.store", "ArtifactNotFound"), _loaded("registry.store", "StoreUnreachable"),
+        _loaded("pipelines.merge_quantize", "SchemeUnavailable"), _loaded("serving.rollout", "RolloutError"),
+        _loaded("serving.client", "AdminAPIError"), _loaded("serving.engine", "AdapterLoadError"),
+        _loaded("serving.engine", "EngineError"),
+    ) if c)
+    if ours and isinstance(e, ours):
+        config_error, data_error = _loaded("pipelines.config", "ConfigError"), _loaded("pipelines.data", "DataError")
+        if config_error and isinstance(e, config_error):
+            return _hinted(e, "fix the config file (configs/ has every file with comments)"), 2
+        if data_error and isinstance(e, data_error):
+            return _hinted(e, "fix the data file: one JSON object per line with string 'prompt' and 'response'"), 2
+        return _hinted(e, f"see `adapterops {command or '<command>'} --help`"), 2
+    if isinstance(e, UnicodeDecodeError):
+        where = _file_in_traceback(e)
+        return (f"{where or 'an input file'} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                "pass a UTF-8 text file (JSONL, YAML, JSON), not a binary or another encoding", 2)
+    yaml_error = _loaded("yaml", "YAMLError")
+    if yaml_error and isinstance(e, yaml_error):
+        return f"a YAML file is invalid: {_one_line(e)[:300]}; fix the file (see configs/ for examples)", 2
+    safetensor_error = _loaded("safetensors", "SafetensorError")
+    if safetensor_error and isinstance(e, safetensor_error):
+        where = _file_in_traceback(e)
+        return (f"{where or 'a safetensors file'} is not readable safetensors ({_one_line(e)[:200]}): truncated or "
+                "not a weights file; re-create it (re-run the stage that wrote it) or restore it", 2)
+    if isinstance(e, json.JSONDecodeError):
+        where = _file_in_traceback(e)
+        return (f"{where or 'a JSON file'} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                "restore the file or re-run the stage that wrote it", 2)
+    import sqlite3
+
+    db_errors = tuple(c for c in (sqlite3.DatabaseError, _loaded("sqlalchemy.exc", "DatabaseError")) if c)
+    if isinstance(e, db_errors):
+        return (f"a database is unreadable ({_one_line(e).split(' [SQL:')[0][:200]}); if it is a file (mlflow.db, "
+                "predictions.db) it is corrupt or not SQLite: restore it from a backup or point the command at the "
+                "right file", 2)
+    mlflow_error = _loaded("mlflow.exceptions", "MlflowException")
+    if mlflow_error and isinstance(e, mlflow_error):
+        text = _one_line(getattr(e, "message", str(e)))[:300]
+        db = _loaded("sqlalchemy.exc", "DatabaseError")
+        if db and isinstance(e.__cause__ or e.__context__, db):
+            text = "its database is unreadable (corrupt, or not an MLflow database)"
+        return (f"MLflow refused the request: {text}; check MLFLOW_TRACKING_URI / --tracking-uri and that the "
+                "tracking server and its database are up", 2)
+    if isinstance(e, OSError):
+        return _hinted(_os_error(e), "check the path"), 2
+    if isinstance(e, ValueError):  # our modules raise ValueError for bad arguments with a message that says why
+        return _hinted(e, f"fix that value (see `adapterops {command or '<command>'} --help` and configs/)"), 2
+    return None
+
+
 # -- parser ------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adapterops", description="The lifecycle of LLM adapters: init cache, training, "
                                 "gated merge-and-quantize, MLflow versions, canary serving, drift-driven retraining.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also ADAPTEROPS_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="run the whole lifecycle on the tiny base (offline, CPU)")
@@ -434,7 +660,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="promote a version trained on another base than the champion's (servers move base too)")
     rh = rsub.add_parser("history", help="audit trail of promotions and rollbacks")
     rh.add_argument("family")
-    for q in (rl, rs, rp, rb, rh):
+    rr = rsub.add_parser("recover", help="complete an alias move that stopped half way (its process died)")
+    rr.add_argument("family")
+    rr.add_argument("--discard-intent", action="store_true",
+                    help="delete an UNREADABLE intent record (edited or truncated) instead of refusing; a readable "
+                         "one is always completed")
+    rr.add_argument("--wait", type=float, default=15.0, help="seconds to wait for a live operation (default 15)")
+    rv = rsub.add_parser("verify", help="download every stored artifact again and check its recorded sha256")
+    rv.add_argument("family")
+    rv.add_argument("version", nargs="?", default=None, help="one version (default: all)")
+    rping = rsub.add_parser("ping", help="readiness: one real registry query against the backend's database")
+    for q in (rl, rs, rp, rb, rh, rr, rv, rping):
         q.add_argument("--json", action="store_true", help="print JSON instead of a table")
     r.set_defaults(func=cmd_registry)
 
@@ -532,21 +768,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) == "demo" and args.summary_json is None:
         args.summary_json = str(Path(args.workdir) / "summary.json")
+    debug = bool(os.environ.get("ADAPTEROPS_DEBUG")) or getattr(args, "debug", False)
     try:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # noqa: BLE001 - every error reaches the user as one readable paragraph
-        if os.environ.get("ADAPTEROPS_DEBUG"):
+    except Exception as e:  # noqa: BLE001 - every error the user can fix reaches them as one line
+        if debug:
             raise
-        known = {"ConfigError", "DataError", "CliError", "RegistryError", "RegistryBusy", "BaseMismatch", "GateFailed",
-                 "HealthCheckFailed", "FileNotFoundError", "ValueError", "CorruptArtifact", "StoreUnreachable",
-                 "ArtifactNotFound", "CorruptVersionArtifact", "RolloutError", "SchemeUnavailable"}
-        name = type(e).__name__
-        if name not in known:
+        mapped = describe_error(e, " ".join(a for a in (getattr(args, "command", None),
+                                                       getattr(args, "action", None)) if isinstance(a, str)))
+        if mapped is None:  # a programming error: its traceback is what a bug report needs
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return 1 if name in ("GateFailed", "HealthCheckFailed") else 2
+        message, code = mapped
+        print(f"error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

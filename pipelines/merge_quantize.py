@@ -255,10 +255,16 @@ def _check_inputs(base_path: Path, adapter_dir: Path, val_data: Path, reference_
     """Validate what the merge reads, before any model is loaded; returns the validation examples."""
     from registry.hashing import model_weights_hash
 
+    from registry.binding import check_binding
+
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+    check_adapter_files(adapter_dir)
     try:
         examples = read_jsonl(Path(val_data))
+    except UnicodeDecodeError as e:
+        raise DataError(f"the gates' prompt set {val_data} is not UTF-8 text (byte at offset {e.start}); pass --val "
+                        "a UTF-8 prompt/response JSONL") from None
     except DataError as e:
         raise DataError(f"the gates' prompt set is unusable: {e}; pass --val a prompt/response JSONL (the training "
                         f"run's validation split)") from None
@@ -267,15 +273,46 @@ def _check_inputs(base_path: Path, adapter_dir: Path, val_data: Path, reference_
                         f"JSONL (the training run's validation split)")
     if not Path(reference_text).is_file():
         raise FileNotFoundError(f"reference text {reference_text} (forgetting gate) does not exist")
-    trained = adapter_dir.parent / manifest.MANIFEST  # a training output: adapter/ next to its manifest.json
+    have = model_weights_hash(Path(base_path))
+    if check_binding(adapter_dir, have, "merge") is not None:
+        return examples  # the binding inside the directory is authoritative
+    trained = adapter_dir.parent / manifest.MANIFEST  # an old training output: adapter/ next to its manifest.json
     if trained.is_file():
-        m = json.loads(trained.read_text())
+        try:
+            m = json.loads(trained.read_text())
+        except ValueError:
+            raise ValueError(f"{trained} (the training manifest beside the adapter) is not valid JSON; restore the "
+                             "training output") from None
         want = m.get("inputs", {}).get("base_sha256") if m.get("kind") == "adapter" else None
-        have = model_weights_hash(Path(base_path))
         if want and want != have:
             raise ValueError(f"adapter {adapter_dir} was trained on base sha256:{want[:12]} (its {trained}), but "
                              f"{base_path} is sha256:{have[:12]}; merge it into the base it was trained on")
     return examples
+
+
+def check_adapter_files(adapter_dir: Path) -> None:
+    """adapter_config.json is a JSON object and every *.safetensors file has a readable header, before any model is
+    built (PEFT would fail deep inside with a bare JSON or safetensors error)."""
+    from safetensors import SafetensorError, safe_open
+
+    cfg_path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path} is not a valid adapter config ({' '.join(str(e).split())[:120]}); restore "
+                         "the adapter directory from its training output") from None
+    weights = sorted(Path(adapter_dir).glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(f"{adapter_dir} holds no *.safetensors weights; pass a saved PEFT adapter directory")
+    for w in weights:
+        try:
+            with safe_open(str(w), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{w} is not readable safetensors ({' '.join(str(e).split())[:120]}): truncated or "
+                             "damaged; restore the adapter directory from its training output") from None
 
 
 def _expected_weights(peft_model) -> dict:

@@ -70,12 +70,34 @@ def log_run(client, rid: str, train_dir: Path, merge_dir: Path) -> None:
 
 def run(registry, family: str, train_dir: Path, merge_dir: Path, monitoring_dir: Path | None = None,
         parent_version: str | None = None, log=print):
-    """Register the adapter in `train_dir` (gated by `merge_dir`) as a new version of `family`."""
-    from serving.parity import GOLDEN_FILE
-
+    """Register the adapter in `train_dir` (gated by `merge_dir`) as a new version of `family`; on any failure the
+    version's MLflow run is marked FAILED before the error goes up."""
     tm, mm = manifest.read(train_dir), manifest.read(merge_dir)
     client = registry.client
     rid = registry.create_run(f"adapterops-{family}", run_name=f"{family}-{tm['method']}-{tm['fingerprint'][:8]}")
+    try:
+        info = _register(registry, rid, family, train_dir, merge_dir, monitoring_dir, parent_version, tm, mm)
+    except BaseException as e:
+        _mark_failed(client, rid, e, log)
+        raise
+    client.set_terminated(rid, "FINISHED")
+    log(f"register: {family} v{info.version} (run {rid[:8]}, gates {'passed' if mm['gates_passed'] else 'FAILED'})")
+    return info
+
+
+def _mark_failed(client, rid: str, error: BaseException, log) -> None:
+    """A registration that failed leaves its MLflow run FAILED, not RUNNING; if the backend is down too, say so."""
+    try:
+        client.set_terminated(rid, "FAILED")
+    except Exception as e:  # noqa: BLE001 - the original error is the one to raise
+        log(f"register: run {rid} could not be marked FAILED ({' '.join(str(e).split())[:200]}); it stays RUNNING "
+            f"until the backend is back: `mlflow runs` or the UI can end it")
+
+
+def _register(registry, rid, family, train_dir, merge_dir, monitoring_dir, parent_version, tm, mm):
+    from serving.parity import GOLDEN_FILE
+
+    client = registry.client
     log_run(client, rid, train_dir, merge_dir)
     publish = Path(merge_dir).parent / "publish" / "adapter"
     if publish.exists():
@@ -88,7 +110,4 @@ def run(registry, family: str, train_dir: Path, merge_dir: Path, monitoring_dir:
     if monitoring_dir is not None:
         artifacts["monitoring"] = Path(monitoring_dir)
     tags = lineage_tags(train_dir, merge_dir, parent_version, tm["data"]["train_categories"])
-    info = registry.register(family, rid, artifacts=artifacts, tags=tags, gates_passed=bool(mm["gates_passed"]))
-    client.set_terminated(rid, "FINISHED")
-    log(f"register: {family} v{info.version} (run {rid[:8]}, gates {'passed' if mm['gates_passed'] else 'FAILED'})")
-    return info
+    return registry.register(family, rid, artifacts=artifacts, tags=tags, gates_passed=bool(mm["gates_passed"]))

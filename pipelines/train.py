@@ -590,6 +590,22 @@ def _progress(cfg: TrainConfig, method: str, start: int):
     return _Quiet()
 
 
+def _bind(tmp: Path, method: str, base_sha256: str, init_key: str, init_entry: Path) -> None:
+    """Write the base binding into both adapter directories (registry/binding.py). A PiSSA adapter_native/ applies
+    to the cached residual only: its binding and its config's base_model_name_or_path say so, so nothing loads it on
+    the plain base by mistake."""
+    from registry.binding import write_binding
+
+    write_binding(tmp / "adapter", base_sha256, "plain", method, init_key)
+    residual = (Path(init_entry) / "residual.safetensors").is_file()
+    write_binding(tmp / "adapter_native", base_sha256, "pissa_residual" if residual else "plain", method, init_key)
+    if residual:
+        cfg_path = tmp / "adapter_native" / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = f"PiSSA residual base of init-cache entry {init_key} (see adapterops.json)"
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
 def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, val_data: Path, out: Path,
         parent: Path | None = None, log=print) -> Path:
     """Train an adapter; `parent` is a previous training output to warm-start from (same init entry)."""
@@ -750,6 +766,7 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
                 model.save_pretrained(tmp / "adapter", path_initial_model_for_weight_conversion=str(init_copy))
         else:
             shutil.copytree(tmp / "adapter_native", tmp / "adapter")
+        _bind(tmp, method, inputs["base_sha256"], init_manifest["key"], init_entry)
         manifest.write(tmp, "adapter", config, inputs, method=method, rank=rank, metrics=metrics, curve=curve,
                        evals=evals, health=health, data={"train_categories": category_counts(train_examples)},
                        base_path=str(base_path), parent_path=str(parent) if parent else None,

@@ -66,6 +66,22 @@ def _new_index(key: str, manifest: dict[str, str], meta: dict | None) -> dict:
     }
 
 
+def _parse_index(raw: bytes, key: str, where: str) -> dict:
+    """An entry's index, checked; CorruptArtifact (delete and rebuild: `warm` does) when it cannot be read."""
+    try:
+        index = json.loads(raw.decode("utf-8"))
+        if not isinstance(index, dict) or not isinstance(index.get("files"), dict):
+            raise ValueError("not an index object with 'files'")
+    except ValueError as e:
+        raise CorruptArtifact(
+            f"{where} entry {key!r}: its {INDEX_NAME} is unreadable ({' '.join(str(e).split())[:120]}), truncated or "
+            "damaged; delete the entry (`adapterops init-cache evict --key ...`) and rebuild it (`init-cache warm` "
+            "does both)"
+        ) from None
+    index.setdefault("key", key)
+    return index
+
+
 def _check_src(src: Path) -> None:
     if not Path(src).is_dir():
         raise NotADirectoryError(f"cannot store {src}: it is not a directory")
@@ -123,6 +139,12 @@ class LocalStore:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+        blocker = next((p for p in [self.root, *self.root.parents] if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise NotADirectoryError(
+                f"store directory {self.root} cannot be used: {blocker} is a file, not a directory; pass a directory "
+                "(or s3://bucket/prefix) as --store"
+            )
         self.root.mkdir(parents=True, exist_ok=True)
 
     def __repr__(self) -> str:
@@ -143,9 +165,10 @@ class LocalStore:
     def index(self, key: str) -> dict:
         path = self._dir(key) / INDEX_NAME
         try:
-            return json.loads(path.read_text())
+            raw = path.read_bytes()
         except FileNotFoundError:
             raise ArtifactNotFound(f"no artifact {key!r} in {self!r}; build it and put_dir it first") from None
+        return _parse_index(raw, key, f"{self!r}")
 
     def put_dir(self, key: str, src: Path, meta: dict | None = None) -> dict:
         final = self._dir(key)
@@ -205,7 +228,7 @@ class LocalStore:
     def verify(self, key: str) -> list[str]:
         try:
             index = self.index(key)
-        except ArtifactNotFound as e:
+        except (ArtifactNotFound, CorruptArtifact) as e:
             return [str(e)]
         d = self._dir(key)
         problems = []
@@ -225,7 +248,11 @@ class LocalStore:
             if Path(dirpath) == self.root:
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             if INDEX_NAME in filenames:
-                out.append(json.loads((Path(dirpath) / INDEX_NAME).read_text()))
+                key = Path(dirpath).relative_to(self.root).as_posix()
+                try:
+                    out.append(_parse_index((Path(dirpath) / INDEX_NAME).read_bytes(), key, f"{self!r}"))
+                except CorruptArtifact as e:
+                    out.append({"key": key, "files": {}, "meta": {}, "corrupt": str(e)})
                 dirnames[:] = []
         return sorted(out, key=lambda e: e["key"])
 
@@ -357,7 +384,7 @@ class S3Store:
             if self._is_missing(e):
                 raise ArtifactNotFound(f"no artifact {key!r} in {self!r}; build it and put_dir it first") from None
             raise
-        return json.loads(body["Body"].read())
+        return _parse_index(body["Body"].read(), key, f"{self!r}")
 
     def put_dir(self, key: str, src: Path, meta: dict | None = None) -> dict:
         from botocore.exceptions import ClientError
@@ -432,7 +459,7 @@ class S3Store:
 
         try:
             index = self.index(key)
-        except ArtifactNotFound as e:
+        except (ArtifactNotFound, CorruptArtifact) as e:
             return [str(e)]
         problems = []
         for rel, expected in index["files"].items():
@@ -459,6 +486,8 @@ class S3Store:
                 key = obj_key[len(root) : -len(INDEX_NAME) - 1]
                 try:
                     out.append(self.index(key))
+                except CorruptArtifact as e:
+                    out.append({"key": key, "files": {}, "meta": {}, "corrupt": str(e)})
                 except (ArtifactNotFound, ValueError):
                     continue  # deleted meanwhile, or a foreign object
         return sorted(out, key=lambda e: e["key"])

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
+from registry.binding import BindingMismatch, check_binding
 from registry.hashing import manifest_hash, sha256_file, tree_hash
 from registry.names import parse_ref, validate_name
 from registry.store import CorruptArtifact
@@ -59,6 +60,7 @@ LEASE_PREFIX = "adapterops.lease."
 AUDIT_PREFIX = "audit."
 RESERVED_TAGS = ("gates_passed",)
 _MAX_REASON = 2000
+_INTENT_KEYS = ("id", "op", "family", "from_version", "to_version", "actor", "reason", "ts", "audit_key", "moves")
 
 
 class RegistryError(Exception):
@@ -197,6 +199,26 @@ def _default_actor() -> str:
         return "unknown"
 
 
+PROBE_TIMEOUT_S = 10.0
+"""Seconds the start-up probe waits for one answer of the backend."""
+MLFLOW_HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                      "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+"""MLflow's HTTP client defaults (120 s per request, 7 retries, backoff factor 2: about 4 minutes against a server that
+is down or answers 5xx) bounded to seconds. Set in the environment (MLflow reads it on every request) unless the
+operator set them: a request against a dead server now fails after about 3 x 20 s at worst, refused connections in
+about 3 s."""
+
+
+def bound_mlflow_http() -> None:
+    for key, value in MLFLOW_HTTP_BOUNDS.items():
+        os.environ.setdefault(key, value)
+
+
+def _first_line(e: BaseException | None) -> str:
+    text = str(e).strip() if e is not None else ""
+    return " ".join(text.splitlines()[0].split())[:300] if text else type(e).__name__
+
+
 def _norm_sha(value: str | None) -> str:
     return (value or "").strip().lower().removeprefix("sha256:")
 
@@ -210,6 +232,8 @@ class AdapterRegistry:
     """Adapter families and versions on an MLflow tracking/registry backend (SQLite, PostgreSQL or an MLflow server).
 
     retries: connection attempts of the start-up probe (a down backend fails in seconds, not MLflow's minutes).
+    create: False for read-only callers: a SQLite URI whose file does not exist is refused ("no registry at PATH")
+    instead of MLflow creating an empty database there.
     lease_seconds: how long an alias operation may hold its family's lease before others treat it as abandoned.
     lease_wait_seconds: how long promote/rollback/... wait for another process's operation on the same family
     before refusing with RegistryBusy (0: refuse at once).
@@ -221,7 +245,9 @@ class AdapterRegistry:
         retries: int = 3,
         lease_seconds: float = 60.0,
         lease_wait_seconds: float = 15.0,
+        create: bool = True,
     ):
+        bound_mlflow_http()
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             raise RegistryError(
@@ -237,6 +263,7 @@ class AdapterRegistry:
         self.retries = max(1, retries)
         self.lease_seconds = float(lease_seconds)
         self.lease_wait_seconds = max(0.0, float(lease_wait_seconds))
+        self.create = create
         self._probe()
         from mlflow import MlflowClient
 
@@ -255,14 +282,13 @@ class AdapterRegistry:
         """Fail fast, after `retries` tries, when the backend is down: MLflow itself would retry for minutes."""
         scheme = urlparse(self.tracking_uri).scheme.split("+")[0]
         if scheme == "sqlite":
+            self._check_sqlite_file()
             return
         last: Exception | None = None
         for attempt in range(self.retries):
             try:
                 if scheme in ("http", "https"):
-                    import urllib.request
-
-                    urllib.request.urlopen(self.tracking_uri.rstrip("/") + "/health", timeout=3).close()
+                    self._probe_server()
                 else:
                     import sqlalchemy
 
@@ -278,11 +304,66 @@ class AdapterRegistry:
                 last = e
                 if attempt + 1 < self.retries:
                     time.sleep(0.2 * 2**attempt)
-        first_line = str(last).strip().splitlines()[0] if str(last).strip() else type(last).__name__
         raise RegistryError(
-            f"MLflow backend {self._safe_uri()} is unreachable after {self.retries} tries: {first_line}; "
+            f"MLflow backend {self._safe_uri()} is unreachable after {self.retries} tries: {_first_line(last)}; "
             "start it or fix MLFLOW_TRACKING_URI"
         ) from last
+
+    def _sqlite_path(self) -> Path | None:
+        rest = self.tracking_uri.split(":", 1)[1].removeprefix("///")
+        rest = rest.split("?", 1)[0]
+        return None if rest in ("", ":memory:") else Path(rest)
+
+    def _check_sqlite_file(self) -> None:
+        """A read-only caller never creates a database; an existing file must be SQLite (not corrupt, not a dir)."""
+        path = self._sqlite_path()
+        if path is None:
+            return
+        if path.is_dir():
+            raise RegistryError(f"registry path {path} is a directory, not an SQLite file; point the tracking URI at "
+                                "the mlflow.db file, e.g. sqlite:///work/demo/mlflow.db")
+        if not path.exists():
+            if not self.create:
+                raise RegistryError(f"no registry at {path} (the file does not exist); check the path in "
+                                    "--tracking-uri / MLFLOW_TRACKING_URI, e.g. sqlite:///work/demo/mlflow.db")
+            return
+        try:
+            with open(path, "rb") as f:
+                header = f.read(16)
+        except OSError as e:
+            raise RegistryError(f"registry file {path} cannot be read ({e.strerror}); fix its permissions") from None
+        if header and header != b"SQLite format 3\x00":
+            raise RegistryError(f"registry file {path} is not an SQLite database (corrupt, or another kind of file); "
+                                "restore it from a backup or point the tracking URI at the right file")
+
+    def _probe_server(self) -> None:
+        """One real registry query (not /health, which answers while the server's database is down)."""
+        import urllib.error
+        import urllib.request
+
+        url = self.tracking_uri.rstrip("/") + "/api/2.0/mlflow/registered-models/search?max_results=1"
+        try:
+            urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S).close()
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                return  # up, but needs credentials: MLflow's own client sends them (MLFLOW_TRACKING_TOKEN ...)
+            detail = e.read().decode("utf-8", "replace")[:200]
+            raise ConnectionError(f"HTTP {e.code} from the registry query ({' '.join(detail.split())})") from None
+
+    def ping(self) -> dict:
+        """Readiness: one real query of the backend's database (lists at most one registered model).
+
+        Returns {"ok": True, "uri", "seconds"}; raises RegistryError naming the backend when it does not answer.
+        """
+        t0 = time.monotonic()
+        try:
+            self.client.search_registered_models(max_results=1)
+        except Exception as e:  # noqa: BLE001 - any failure means not ready
+            raise RegistryError(
+                f"MLflow backend {self._safe_uri()} does not answer a registry query: {_first_line(e)}; "
+                "check the tracking server and its database"
+            ) from e
+        return {"ok": True, "uri": self._safe_uri(), "seconds": round(time.monotonic() - t0, 3)}
 
     # -- runs (a convenience for callers that have no run yet) --------------------------------------------------
 
@@ -344,8 +425,10 @@ class AdapterRegistry:
                 return sorted(out)
 
     def get(self, family: str, version: str) -> VersionInfo:
-        self._model(family)
-        return self._version(family, version)
+        aliases = self.aliases(family)
+        info = self._version(family, version)
+        info.aliases = sorted(a for a, v in aliases.items() if v == info.version)
+        return info
 
     def _version(self, family: str, version: str) -> VersionInfo:
         """`get` for a family known to exist."""
@@ -361,9 +444,8 @@ class AdapterRegistry:
             raise
 
     def list_versions(self, family: str) -> list[VersionInfo]:
-        rm = self._model(family)
         by_version: dict[str, list[str]] = {}
-        for alias, v in (rm.aliases or {}).items():
+        for alias, v in self.aliases(family).items():
             by_version.setdefault(str(v), []).append(alias)
         out, token = [], None
         while True:
@@ -374,13 +456,65 @@ class AdapterRegistry:
                 return sorted(out, key=lambda v: int(v.version))
 
     def aliases(self, family: str) -> dict[str, str]:
-        """{alias: version} of the family's aliases that are set."""
-        return {k: str(v) for k, v in (self._model(family).aliases or {}).items()}
+        """{alias: version} of the family's aliases that are set.
+
+        When an alias move is unfinished (its intent record is there: in flight, or its process died), the answer is
+        the state that move leads to, which the next alias operation (or `recover`) will complete: a reader never sees
+        half of a move, e.g. `previous == champion`. The intent is the move's commit point, so this is what it means.
+        """
+        return self._view(family)[0]
 
     def alias(self, family: str, alias: str) -> str | None:
         self._check_alias(alias)
-        v = (self._model(family).aliases or {}).get(alias)
-        return None if v is None else str(v)
+        return self.aliases(family).get(alias)
+
+    def pending(self, family: str) -> dict | None:
+        """The intent record of an unfinished alias move of the family (None when there is none)."""
+        return self._view(family)[1]
+
+    def _view(self, family: str) -> tuple[dict[str, str], dict | None, dict[str, str]]:
+        """(aliases as readers see them, pending intent or None, family tags)."""
+        rm = self._model(family)
+        tags = dict(rm.tags or {})
+        aliases = {k: str(v) for k, v in (rm.aliases or {}).items()}
+        intent = self._intent(family, tags)
+        if intent is not None:
+            for action, alias, version in intent["moves"]:
+                if action == "set":
+                    aliases[alias] = str(version)
+                else:
+                    aliases.pop(alias, None)
+            log.warning(
+                "%s: an alias move is unfinished (%s v%s -> v%s by %s, intent %s): showing the state it leads to; "
+                "`adapterops registry recover %s` completes it", family, intent["op"], intent["from_version"] or "-",
+                intent["to_version"] or "-", intent["actor"], intent["id"][:8], family,
+            )
+        return aliases, intent, tags
+
+    @staticmethod
+    def _intent(family: str, tags: dict[str, str]) -> dict | None:
+        """The family's intent record, checked; RegistryError (how to clear it) when it is unreadable."""
+        raw = tags.get(INTENT_TAG)
+        if not raw:
+            return None
+        try:
+            intent = json.loads(raw)
+            if not isinstance(intent, dict):
+                raise ValueError("not a JSON object")
+            missing = [k for k in _INTENT_KEYS if k not in intent]
+            if missing:
+                raise ValueError(f"fields {missing} are missing")
+            for move in intent["moves"]:
+                action, alias, version = move
+                if action not in ("set", "delete") or alias not in ALIASES or (action == "set" and not version):
+                    raise ValueError(f"move {move!r} is not [set|delete, alias, version]")
+        except (ValueError, TypeError) as e:
+            raise RegistryError(
+                f"the intent record of {family} (registered-model tag {INTENT_TAG!r}) is unreadable ({e}), so no alias "
+                f"operation can run; check the aliases with `adapterops registry history {family}`, then clear it with "
+                f"`adapterops registry recover {family} --discard-intent`"
+            ) from None
+        return intent
 
     @staticmethod
     def _check_alias(alias: str) -> None:
@@ -388,8 +522,21 @@ class AdapterRegistry:
             raise RegistryError(f"unknown alias {alias!r}: adapterops uses {', '.join(ALIASES)}")
 
     def history(self, family: str) -> list[AuditRecord]:
-        tags = self._model(family).tags or {}
-        return [AuditRecord(**json.loads(tags[k])) for k in sorted(k for k in tags if k.startswith(AUDIT_PREFIX))]
+        """The audit trail, oldest first; an unfinished move's record is included (it is written when it completes)."""
+        _, intent, tags = self._view(family)
+        out = []
+        for key in sorted(k for k in tags if k.startswith(AUDIT_PREFIX)):
+            try:
+                out.append(AuditRecord(**json.loads(tags[key])))
+            except (ValueError, TypeError) as e:
+                raise RegistryError(
+                    f"audit record {key!r} of {family} is unreadable ({' '.join(str(e).split())[:120]}): the audit "
+                    f"trail was edited outside adapterops; restore that registered-model tag's JSON from a backup, or "
+                    f"delete the tag (MLflow UI or MlflowClient.delete_registered_model_tag) to accept the loss"
+                ) from None
+        if intent is not None and intent["audit_key"] not in tags:
+            out.append(AuditRecord(**{k: intent[k] for k in AuditRecord.__dataclass_fields__}))
+        return out
 
     # -- registering --------------------------------------------------------------------------------------------
 
@@ -413,6 +560,10 @@ class AdapterRegistry:
                 f"cannot register {family}: tag 'base_sha256' (the base model's weights hash, "
                 "registry.hashing.model_weights_hash) is missing; every version must name its base"
             )
+        try:
+            check_binding(adapter, tags["base_sha256"], "register")
+        except BindingMismatch as e:
+            raise BaseMismatch(f"cannot register {family}: {e}") from None
         bad = [k for k in tags if k in RESERVED_TAGS or k.startswith("sha256.")]
         if bad:
             raise RegistryError(f"cannot register {family}: tags {bad} are set by the registry itself; drop them")
@@ -430,12 +581,21 @@ class AdapterRegistry:
         version_tags = {k: str(v) for k, v in tags.items()}
         for name, path in artifacts.items():
             path = Path(path)
-            if path.is_dir():
-                version_tags[f"sha256.{name}"] = tree_hash(path)
-                self.client.log_artifacts(run_id, str(path), name)
-            else:
-                version_tags[f"sha256.{name}"] = manifest_hash({path.name: sha256_file(path)})
-                self.client.log_artifact(run_id, str(path), name)
+            try:
+                if path.is_dir():
+                    version_tags[f"sha256.{name}"] = tree_hash(path)
+                    self.client.log_artifacts(run_id, str(path), name)
+                else:
+                    version_tags[f"sha256.{name}"] = manifest_hash({path.name: sha256_file(path)})
+                    self.client.log_artifact(run_id, str(path), name)
+            except Exception as e:  # noqa: BLE001 - boto3, requests and MLflow each raise their own
+                if not _looks_unreachable(e) and not isinstance(e, MlflowException):
+                    raise
+                raise RegistryError(
+                    f"cannot register {family}: uploading artifact {name!r} to {run.info.artifact_uri} failed "
+                    f"({_first_line(e)}); the artifact store (S3 / the tracking server's artifact proxy) looks down: "
+                    "start it or fix its endpoint, then register again (no version was created)"
+                ) from e
         version_tags["gates_passed"] = "true" if gates_passed else "false"
 
         self._ensure_family(family)
@@ -571,19 +731,29 @@ class AdapterRegistry:
             moves = [["delete", "challenger", None]]
             return self._start(lease, tags, current, None, reason, moves, None)
 
-    def recover(self, family: str) -> AuditRecord | None:
+    def recover(self, family: str, discard_unreadable_intent: bool = False) -> AuditRecord | None:
         """Complete an operation that stopped half way (its intent record is still there); None if there is none.
 
         Waits for, then refuses (RegistryBusy), a live lease of another process; an abandoned one (expired, or its
-        holder's process on this host is gone) is taken over and removed.
+        holder's process on this host is gone) is taken over and removed. With discard_unreadable_intent, an intent
+        record that cannot be read (edited by hand, truncated) is deleted instead of blocking every alias operation;
+        a readable one is always completed, never discarded.
         """
         with self._holding(family, "recover", None) as lease:
-            return self._recover_held(family, lease, self._model(family).tags or {})
+            tags = self._model(family).tags or {}
+            if discard_unreadable_intent:
+                try:
+                    self._intent(family, tags)
+                except RegistryError:
+                    log.warning("%s: deleting the unreadable intent record %r", family, tags.get(INTENT_TAG, "")[:200])
+                    self.client.delete_registered_model_tag(family, INTENT_TAG)
+                    return None
+            return self._recover_held(family, lease, tags)
 
     def in_flight(self, family: str) -> tuple[dict | None, list[Lease]]:
         """The unfinished operation's intent record (or None) and the leases now written on the family."""
         tags = self._model(family).tags or {}
-        intent = json.loads(tags[INTENT_TAG]) if tags.get(INTENT_TAG) else None
+        intent = self._intent(family, tags)
         return intent, [lease for lease, _ in self._leases(family, tags)]
 
     # -- the lease: one alias operation per family at a time --------------------------------------------------------
@@ -674,10 +844,9 @@ class AdapterRegistry:
     # -- intent records and steps -----------------------------------------------------------------------------
 
     def _recover_held(self, family: str, lease: Lease, tags: dict[str, str]) -> AuditRecord | None:
-        raw = tags.get(INTENT_TAG)
-        if not raw:
+        intent = self._intent(family, tags)
+        if intent is None:
             return None
-        intent = json.loads(raw)
         log.warning(
             "completing an unfinished %s of %s (v%s -> v%s, by %s)",
             intent["op"], family, intent["from_version"], intent["to_version"], intent["actor"],
@@ -685,7 +854,8 @@ class AdapterRegistry:
         return self._run(intent, lease, skip=1, fail_after=None)
 
     def _start(self, lease, tags, from_version, to_version, reason, moves, fail_after) -> AuditRecord:
-        numbers = [int(k[len(AUDIT_PREFIX) :]) for k in tags if k.startswith(AUDIT_PREFIX)]
+        numbers = [int(k[len(AUDIT_PREFIX) :]) for k in tags if k.startswith(AUDIT_PREFIX) and
+                   k[len(AUDIT_PREFIX) :].isdigit()]
         intent = {
             "id": uuid.uuid4().hex,
             "op": lease.op,
@@ -804,6 +974,10 @@ class AdapterRegistry:
                 f"{_short(expected_base_sha256)}; retrain or load the matching base"
             )
         path = self.download(family, version, "adapter", dest_root)
+        try:
+            check_binding(path, base, "serve")
+        except BindingMismatch as e:
+            raise BaseMismatch(f"{family} v{version}: {e}") from None
         return ResolvedAdapter(family, version, path, base, info.tags)
 
     def download(self, family: str, version: str, name: str, dest_root: Path) -> Path:
@@ -838,6 +1012,12 @@ class AdapterRegistry:
                 )
             except (MlflowException, OSError) as e:
                 detail = " ".join(str(e).split()).split("#####")[-1].strip()[:300]  # MLflow: "##### File x #####"
+                if _looks_unreachable(e):
+                    raise RegistryError(
+                        f"artifact {name!r} of {family} v{info.version} cannot be downloaded: the artifact store behind "
+                        f"{info.source} does not answer ({detail}); start it or fix its endpoint "
+                        "(MLFLOW_S3_ENDPOINT_URL / the tracking server's artifact destination) and retry"
+                    ) from e
                 raise RegistryError(
                     f"artifact {name!r} of {family} v{info.version} cannot be downloaded from {info.source}: "
                     f"{detail}; if the store is up, the stored copy is gone: re-register the adapter from its "
@@ -858,3 +1038,63 @@ class AdapterRegistry:
             return dest
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def verify(self, family: str, version: str | None = None) -> list[dict]:
+        """Download every recorded artifact of one version (or of all) afresh and re-hash it against its tag.
+
+        Returns one row per artifact: {"version", "artifact", "status": ok | MISMATCH | missing, "detail"}. Nothing
+        is kept: each copy goes to a temporary directory. A store that does not answer raises RegistryError (naming
+        it), since then nothing can be said about the artifacts.
+        """
+        import tempfile
+
+        import mlflow.artifacts
+        from mlflow.exceptions import MlflowException
+
+        versions = [self.get(family, version)] if version is not None else self.list_versions(family)
+        rows = []
+        for info in versions:
+            names = sorted(k[len("sha256.") :] for k in info.tags if k.startswith("sha256."))
+            if not names:
+                rows.append({"version": info.version, "artifact": "-", "status": "missing",
+                             "detail": "no sha256.* tags: nothing was recorded at registration"})
+            for name in names:
+                expected = info.tags[f"sha256.{name}"]
+                with tempfile.TemporaryDirectory(prefix="adapterops-verify-") as tmp:
+                    try:
+                        local = Path(mlflow.artifacts.download_artifacts(
+                            artifact_uri=f"{info.source.rstrip('/')}/{name}", dst_path=tmp,
+                            tracking_uri=self.tracking_uri))
+                    except (MlflowException, OSError) as e:
+                        detail = " ".join(str(e).split()).split("#####")[-1].strip()[:200]
+                        if _looks_unreachable(e):
+                            raise RegistryError(
+                                f"artifact store of {family} v{info.version} ({info.source}) does not answer: "
+                                f"{detail}; start it (or fix its endpoint) and verify again"
+                            ) from e
+                        rows.append({"version": info.version, "artifact": name, "status": "missing",
+                                     "detail": detail})
+                        continue
+                    actual = tree_hash(local) if local.is_dir() else manifest_hash({local.name: sha256_file(local)})
+                    if actual == expected:
+                        rows.append({"version": info.version, "artifact": name, "status": "ok",
+                                     "detail": f"sha256 {actual[:12]}…"})
+                    else:
+                        rows.append({"version": info.version, "artifact": name, "status": "MISMATCH",
+                                     "detail": f"tree sha256 {actual[:12]}… != recorded {expected[:12]}…"})
+        return rows
+
+
+def _looks_unreachable(e: BaseException) -> bool:
+    """A connection failure (store down) rather than an answer that the object is not there."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        text = str(e)
+        if any(s in text for s in ("Max retries exceeded", "Connection refused", "Could not connect",
+                                   "timed out", "ConnectTimeout", "EndpointConnectionError")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

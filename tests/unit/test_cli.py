@@ -24,6 +24,7 @@ TOP_COMMANDS = ["demo", "base", "init-cache", "train", "merge", "registry", "ser
                 "schedules"]
 LEAVES = [("demo",), ("base", "build"), ("init-cache",), ("train",), ("merge",), ("registry", "list"),
           ("registry", "show"), ("registry", "promote"), ("registry", "rollback"), ("registry", "history"),
+          ("registry", "recover"), ("registry", "verify"), ("registry", "ping"),
           ("serve",), ("monitor", "check"), ("retrain",), ("rollout", "status"), ("rollout", "start"),
           ("rollout", "abort"), ("schedules", "serve")]
 GROUPS = [("base",), ("registry",), ("monitor",), ("rollout",), ("schedules",)]
@@ -124,7 +125,7 @@ def test_cli_error_is_one_line_exit_2(tmp_path, monkeypatch, capsys, clean_env):
     monkeypatch.chdir(tmp_path)
     assert cli.main(["init-cache", "evict", "--store", str(tmp_path / "store")]) == 2
     err = capsys.readouterr().err
-    assert err == "error: init-cache evict needs --key (see `adapterops init-cache ls`)\n"
+    assert err == "error: init-cache evict needs --key; list the keys with `adapterops init-cache ls`\n"
 
 
 def test_demo_summary_json_defaults_into_the_workdir(monkeypatch, clean_env):
