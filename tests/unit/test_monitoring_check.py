@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from monitoring.check import check_windows, load_jsonl, log_window, rows_to_columns, run_check
-from monitoring.drift import EMBEDDING_STAT, DriftConfig
+from monitoring.drift import EMBEDDING_STAT, NOVELTY_STAT, DriftConfig
 from monitoring.embeddings import EmbeddingIndex
 
 
@@ -80,6 +80,10 @@ def test_check_windows_embeds_each_prompt_once_and_detects_topic_shift():
     enc = BagOfWordsEncoder()
     cfg = DriftConfig(stats=(EMBEDDING_STAT,))
     ok, drift = check_windows(ref, [same, shifted], cfg, encoder=enc)
+    both = DriftConfig(stats=(EMBEDDING_STAT, NOVELTY_STAT))
+    ok2, drift2 = check_windows(ref, [same, shifted], both, encoder=BagOfWordsEncoder())
+    assert ok2.status == "ok" and drift2.status == "drift"
+    assert {t.name for t in drift2.tests if t.fired} >= {NOVELTY_STAT}
     assert len(enc.calls) == 1
     encoded = enc.calls[0]
     assert len(encoded) == len(set(encoded))
@@ -115,8 +119,8 @@ def test_run_check_json_contract_with_logged_stats(tmp_path):
 
     def rows(shift, n):
         return [{"prompt": f"q{i}", "prompt_nll": float(rng.normal(shift, 1)), "gen_entropy": float(rng.normal()),
-                 "gen_max_prob": float(rng.uniform()), EMBEDDING_STAT: float(rng.uniform(0.6, 0.9))}
-                for i in range(n)]
+                 "gen_max_prob": float(rng.uniform()), EMBEDDING_STAT: float(rng.uniform(0.6, 0.9)),
+                 NOVELTY_STAT: float(rng.uniform(0.1, 0.4))} for i in range(n)]
 
     ref = _write(tmp_path / "ref.jsonl", rows(0.0, 200))
     cur_ok = _write(tmp_path / "ok.jsonl", rows(0.0, 200))
@@ -124,7 +128,7 @@ def test_run_check_json_contract_with_logged_stats(tmp_path):
     small = _write(tmp_path / "small.jsonl", rows(5.0, 20))
     out_path = tmp_path / "out" / "verdict.json"
 
-    # Every row carries its max-cos, so no encoder is needed even with embeddings on.
+    # Every row carries its max-cos and novelty, so no encoder is needed even with embeddings on.
     out = run_check(ref, [cur_ok, cur_bad, small], out_path)
     assert json.loads(out_path.read_text()) == out
     assert out["drift"] is True
@@ -138,7 +142,7 @@ def test_run_check_json_contract_with_logged_stats(tmp_path):
 
     one = run_check(ref, [cur_ok], out_path, use_embeddings=False)
     assert one["drift"] is False and one["status"] == "ok" and one["current"] == str(cur_ok)
-    assert len(one["tests"]) == 4 and one["tests"] == one["results"][0]["tests"]
+    assert len(one["tests"]) == 5 and one["tests"] == one["results"][0]["tests"]
 
 
 def test_run_check_leaves_previous_output_on_error(tmp_path):
@@ -268,3 +272,43 @@ def test_log_window_reuses_stored_embeddings_and_backfills_missing_ones(tmp_path
             log_window(log, "support", "", index)
         with pytest.raises(ValueError, match="dimension"):
             log_window(log, "support", "2", EmbeddingIndex(np.eye(8, dtype=np.float32)))
+
+
+def test_check_window_reuses_stored_embeddings_writes_back_the_rest_and_tests_novelty(tmp_path, monkeypatch):
+    """The production monitor path (flows.monitor_check -> pipelines.demo.check_window): prompts with a stored
+    embedding are never embedded again, the missing ones once, and those are written back to the log."""
+    import monitoring.report
+    from monitoring.store import PredictionLog
+    from pipelines.demo import check_window
+
+    reports = []
+    monkeypatch.setattr(monitoring.report, "write_evidently_report",
+                        lambda ref, cur, path, title="": reports.append((ref, cur, path)) or path)
+    enc = BagOfWordsEncoder()
+    ref_dir = tmp_path / "monitoring"
+    ref_dir.mkdir()
+    EmbeddingIndex(enc.encode(_prompts(ORDER_WORDS, 400, 11))).save(ref_dir / "train_index.npy")
+    _write(ref_dir / "reference.jsonl", [{"prompt": p, "prompt_nll": 1.0, EMBEDDING_STAT: 0.9}
+                                         for p in _prompts(ORDER_WORDS, 100, 12)])
+    familiar, novel = _prompts(ORDER_WORDS, 180, 13), _prompts(OTHER_WORDS, 20, 14)
+    with PredictionLog(tmp_path / "log.sqlite") as log:
+        for p in familiar[:100]:
+            v = enc.encode([p])[0]
+            log.log({"family": "s", "version": "1", "prompt": p, "embedding": v / np.linalg.norm(v)})
+        for p in familiar[100:] + novel:  # 10% of the window from another topic
+            log.log({"family": "s", "version": "1", "prompt": p})
+        log.flush()
+        rows = log.query(family="s", version="1")
+        enc.calls.clear()
+        cfg = DriftConfig(stats=(EMBEDDING_STAT, NOVELTY_STAT))
+        result = check_window(ref_dir, rows, cfg, enc, tmp_path / "r.html", log=log)
+        assert enc.calls == [list(dict.fromkeys(familiar[100:] + novel))]
+        assert all(r["embedding"] is not None for r in log.query(family="s"))  # written back
+        tests = {t["name"]: t for t in result["tests"]}
+        assert tests[NOVELTY_STAT]["fired"] and result["drift"]
+        distinct = len(np.unique(EmbeddingIndex.load(ref_dir / "train_index.npy").embeddings, axis=0))
+        assert tests[NOVELTY_STAT]["n_reference"] == distinct < 400  # the null: the index's leave-one-out novelty
+        enc.calls.clear()
+        again = check_window(ref_dir, log.query(family="s", version="1"), cfg, enc, tmp_path / "r.html", log=log)
+        assert enc.calls == [] and again["tests"] == result["tests"]
+    assert NOVELTY_STAT in reports[0][1].columns
