@@ -99,6 +99,10 @@ class ServerState:
     """Every N s, start a canary for each family whose registry `challenger` alias names a version that is not
     serving and not tried yet (a scheduled retrain registers one); None: rollouts start only when asked. Needs
     `registry` and `rollout`."""
+    registry_poll_s: float | None = 5.0
+    """With a registry: follow its champion aliases this often, so a promote or rollback made anywhere (the CLI,
+    another replica's canary) reaches this server's traffic within that time, and a family registered elsewhere
+    starts being served; None: only what this server does itself moves its routes."""
     pool: Any = None
     """Deprecated spelling: an AdapterPool given here is served through serving.pool.PoolEngine."""
 
@@ -263,7 +267,8 @@ class ControlPlane:
         """Start the registry poller (champion alias, auto canary) when configured."""
         st = self.state
         cfg = st.fallback.config if st.fallback is not None else None
-        intervals = [x for x in (cfg.registry_poll_s if cfg is not None else None, st.auto_canary_poll_s) if x]
+        intervals = [x for x in (cfg.registry_poll_s if cfg is not None else None, st.auto_canary_poll_s,
+                                 st.registry_poll_s) if x]
         if intervals and st.registry is not None and self._poller is None:
             self._stop.clear()
             self._poller = threading.Thread(target=self._poll_loop, args=(min(intervals),), name="registry-poll",
@@ -596,21 +601,37 @@ class ControlPlane:
             self.poll_registry(errors, tried)
 
     def poll_registry(self, errors: dict | None = None, tried: dict | None = None) -> None:
-        """While no rollout of a family runs: with a fallback policy, follow the registry's champion alias (a
-        promotion or rollback made elsewhere); with auto_canary_poll_s, start the canary of a new challenger."""
+        """While no rollout of a family runs: follow the registry's champion alias (a promotion or rollback made
+        elsewhere; a family registered elsewhere is picked up); with auto_canary_poll_s, start the canary of a new
+        challenger."""
         st = self.state
         errors = {} if errors is None else errors
         tried = {} if tried is None else tried
+        follow = bool(st.registry_poll_s) or st.fallback is not None
+        if follow:
+            try:
+                for family in st.registry.families():
+                    if family not in st.router.families() and st.registry.alias(family, "champion") is not None:
+                        champion = st.registry.alias(family, "champion")
+                        self.ensure_version(family, champion)
+                        st.router.set(family, champion)
+                        log.warning("registry has a new family %s: serving its champion %s", family, champion)
+                errors.pop("", None)
+            except Exception as exc:
+                if errors.get("") != str(exc):
+                    log.warning("registry poll (families) failed: %s: %s", type(exc).__name__, exc)
+                errors[""] = str(exc)
         for family, route in st.router.families().items():
             if st.rollout is not None and st.rollout.is_active(family):
                 continue
             try:
-                champion = st.registry.alias(family, "champion") if st.fallback is not None else None
+                champion = st.registry.alias(family, "champion") if follow else None
                 if champion is not None and champion != route.champion:
                     self.ensure_version(family, champion)
                     st.router.set(family, champion)
                     log.warning("registry moved the champion of %s: %s -> %s", family, route.champion, champion)
-                    self.follow_champion(family, champion)
+                    if st.fallback is not None:
+                        self.follow_champion(family, champion)
                 if st.auto_canary_poll_s and st.rollout is not None:
                     challenger = st.registry.alias(family, "challenger")
                     seen = tried.setdefault(family, set())

@@ -226,3 +226,36 @@ def test_the_server_starts_the_canary_of_a_new_registry_challenger_once(ws, fami
         time.sleep(1.5)  # several polls
         assert c.get("/admin/rollout/status", params={"family": family}, headers=AUTH).json()["status"] == "aborted"
     state.log.close()
+
+
+def test_registry_alias_moves_reach_traffic_without_any_fallback_config(ws, family, adapters):
+    """A promote or rollback made elsewhere (the CLI, another replica) reaches this server's traffic within a few
+    polls, and a family first registered elsewhere starts being served; no --fallback-config needed."""
+    import time
+
+    state = build_state(ws, RolloutConfig(steps=(0.5, 1.0), requests_per_step=50, min_samples=4), KEY)
+    state.registry_poll_s = 0.2
+    load_champions(state, ws)
+    reg = ws.registry()
+
+    def served_version(c, model) -> str | None:
+        r = c.post("/v1/completions", json={"model": model, "prompt": PROMPTS[0], "max_tokens": 2})
+        return r.json()["adapterops"]["version"] if r.status_code == 200 else None
+
+    def wait_for(c, model, version):
+        deadline = time.time() + 30
+        while (got := served_version(c, model)) != version:
+            assert time.time() < deadline, f"{model} still serves v{got}, the registry says v{version}"
+            time.sleep(0.2)
+
+    with running(create_app(state)) as url, httpx.Client(base_url=url, timeout=TIMEOUT) as c:
+        assert served_version(c, family) == "1"
+        reg.promote(family, "2", actor="test", reason="promoted from the CLI")
+        wait_for(c, family, "2")
+        reg.rollback(family, actor="test", reason="rolled back from the CLI")
+        wait_for(c, family, "1")
+        newcomer = f"new-{uuid.uuid4().hex[:6]}"
+        reg.promote(newcomer, register_version(reg, newcomer, adapters[1]), actor="test")
+        wait_for(c, newcomer, "1")
+    state.engine.close()
+    state.log.close()
