@@ -282,3 +282,79 @@ def test_cli_rebuild_checks_the_stored_golden_logits(trained, tiny_data, tmp_pat
                      "--report-json", str(report)]) == 1
     failed = {g["name"] for g in json.loads(report.read_text())["gates"] if not g["passed"]}
     assert "golden_max_abs" in failed
+
+
+# -- the base binding inside the adapter directory (issue 16 item 7) -------------------------------------------------
+
+def _perturbed_base(tmp_path: Path) -> Path:
+    """A copy of the base with ONE weight matrix nudged: another content hash, and logits close enough that the
+    gates alone (which compare the adapter on this base with its merge onto this base) would pass."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "perturbed-base"
+    shutil.copytree(BASE, base)
+    weights = base / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(k for k in sorted(tensors) if k.endswith("q_proj.weight"))
+    tensors[name] = tensors[name] + 1e-3 * torch.randn_like(tensors[name])
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    return base
+
+
+def test_training_writes_the_binding_into_both_adapter_dirs(trained):
+    from registry.binding import BINDING_FILE, read_binding
+    from registry.hashing import model_weights_hash
+
+    base_sha = model_weights_hash(BASE)
+    for method in ("lora", "pissa"):
+        out = trained(method)
+        exported = read_binding(out / "adapter")
+        assert (exported["base"], exported["base_sha256"], exported["method"]) == ("plain", base_sha, method)
+        native = read_binding(out / "adapter_native")
+        assert native["base"] == ("pissa_residual" if method == "pissa" else "plain")
+    config = json.loads((trained("pissa") / "adapter_native" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"].startswith("PiSSA residual base of init-cache entry")
+    assert "NOT to the plain base" in (trained("pissa") / "adapter_native" / BINDING_FILE).read_text()
+
+
+def test_copied_adapter_onto_a_perturbed_base_is_refused(trained, tiny_data, tmp_path):
+    """A copied adapter dir has no manifest beside it; its binding still names its base."""
+    copied = tmp_path / "copied" / "adapter"
+    shutil.copytree(trained("lora") / "adapter", copied)
+    base = _perturbed_base(tmp_path)
+    out = tmp_path / "merged"
+    from pipelines import merge_quantize
+
+    with pytest.raises(ValueError, match=r"it was trained on base sha256:[0-9a-f]{12} \(its adapterops.json\), but "
+                                         r"this base is sha256:[0-9a-f]{12}; use the base it was trained on"):
+        merge_quantize.run(_merge_config("none"), base, copied, tiny_data.val, out, log=_quiet)
+    _no_output_left(out)
+
+
+def test_pissa_native_adapter_is_refused_on_the_plain_base(trained, tiny_data, tmp_path):
+    from registry.binding import BindingMismatch
+
+    out = tmp_path / "merged"
+    with pytest.raises(BindingMismatch, match="it is the PiSSA adapter as trained, bound to the residual base"):
+        _run(_merge_config("none"), trained("pissa") / "adapter_native", tiny_data.val, out)
+    _no_output_left(out)
+
+
+def test_old_adapter_without_binding_falls_back_to_the_manifest(trained, tiny_data, tmp_path, caplog):
+    """Adapter dirs from before the binding: a warning, then the training manifest beside them decides."""
+    run = tmp_path / "old-run"
+    shutil.copytree(trained("lora"), run)
+    (run / "adapter" / "adapterops.json").unlink()
+    out = tmp_path / "merged"
+    with caplog.at_level("WARNING", logger="registry.binding"):
+        with pytest.raises(ValueError, match=r"was trained on base sha256:[0-9a-f]{12} \(its .*manifest.json\)"):
+            _run_on(_perturbed_base(tmp_path), run / "adapter", tiny_data.val, out)
+    assert "has no adapterops.json" in caplog.text
+    _no_output_left(out)
+
+
+def _run_on(base: Path, adapter: Path, val: Path, out: Path):
+    from pipelines import merge_quantize
+
+    return merge_quantize.run(_merge_config("none"), base, adapter, val, out, log=_quiet)
