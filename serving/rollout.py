@@ -10,11 +10,18 @@ The state lives in one JSON file (atomic replace on every change), so a restarte
 it was. Pure Python + numpy/scipy: no model is needed to run or test it.
 
 Statistics, and why they are built this way: a challenger as good as the champion must never be rolled back, yet the
-analysis looks at the data once per step (repeated peeking), with four checks, on arms of very unequal size. So every
-check fails only when the evidence says the challenger is worse *by more than the configured margin*, at level
-alpha / (len(steps) * 4) (Bonferroni over the planned analyses and the checks):
+analysis looks at the data at the end of every step, and again at every extension (repeated peeking: a fixed-sample
+test at 5% looked at five times rolls back ~14% of equal challengers). So the decision is made valid under any number
+of looks by alpha spending: the k-th time a check is actually tested it gets level
+    alpha_k = alpha / n_tests * 6 / (pi^2 k^2)        (sum over k = 1, 2, ... of 6 / (pi^2 k^2) is 1),
+so by the union bound the chance that any test of any look wrongly fails an equal-or-better challenger is at most
+alpha, however long the rollout runs, extended or held (an insufficient check is not a look and spends nothing). The
+first look gets 61% of a test's budget: a clearly bad challenger is caught at its smallest traffic share. Each test
+is one-sided and fails only when the evidence says the challenger is worse *by more than the configured margin*:
 - error rate: an exact binomial test must say the challenger's error rate is above the champion's upper confidence
-  bound plus `max_error_rate_delta`;
+  bound plus `max_error_rate_delta`; and, whatever the champion does, above the absolute bound `max_error_rate`
+  (that one needs challenger samples only). Client-caused errors (record(..., client_error=True): a 4xx such as a
+  prompt over the context length) are not the arm's fault and are counted apart, never as samples;
 - latency: the challenger's p95 must exceed the threshold max(ratio * champion p95, champion p95 + slack), and a
   one-sided binomial test must say that more than 5% of challenger requests are above that threshold;
 - feedback: the challenger's mean must be lower by more than `feedback_margin`, and a one-sided Mann-Whitney U test
@@ -22,13 +29,11 @@ alpha / (len(steps) * 4) (Bonferroni over the planned analyses and the checks):
   false-alarm rate at equal arms falls to zero as samples grow, unlike the plain test that stays at alpha);
 - response NLL (if an offline baseline was given): mean online NLL / offline NLL above `nll_ratio_max`, with a
   one-sided t-test against that bound.
-A check that fails at that level only makes the challenger a suspect: the weight is held (no advance) and the rollback
-needs the same check to fail again on fresh challenger samples (those after the suspicion, against the champion's
-cumulative ones), unless its p-value is already below the level squared ("decisive"). Two independent windows make a
-false rollback of an equal challenger about alpha^2-rare, at the cost of one more step at the same (small) weight for a
-bad one. A check with fewer than `min_samples` per arm is "insufficient" and never fails the rollout. A step does not
-hand the challenger more traffic until the challenger has `min_samples` requests (the step is extended instead), so a
-broken challenger is caught at its smallest traffic share.
+A check with fewer than `min_samples` per arm is "insufficient" and never fails the rollout, but it never lets it
+through either: a step does not hand the challenger more traffic, and the last step does not promote, until both arms
+have `min_samples` requests (and, with `require_feedback`, feedback scores); the step is extended instead. So a
+rollout whose checks are all "insufficient" pauses at its step rather than promoting (issue 16), and a broken
+challenger is caught at its smallest traffic share. bench/canary_eval.py measures the decision quality.
 """
 
 from __future__ import annotations
@@ -93,7 +98,14 @@ class RolloutConfig:
     gradual_rollback: bool = False
     """On failure, step traffic down through the steps in reverse instead of cutting to 0."""
     extend_until_min_samples: bool = True
-    """Do not raise the challenger's share until it has min_samples requests: extend the step instead."""
+    """Do not raise the challenger's share until both arms have min_samples requests: extend the step instead. (The
+    last step never promotes on fewer, whatever this says.)"""
+    max_error_rate: float | None = 0.25
+    """Absolute bound: the challenger fails when an exact binomial test says its error rate is above this, whatever
+    the champion's (a champion with few samples cannot excuse a broken challenger). None: no absolute bound."""
+    require_feedback: bool = False
+    """Do not promote until the feedback check has min_samples scores per arm (extend the step instead). Turn it on
+    where users' feedback is the check that tells a wrong model from a right one (the demo's canaries)."""
 
     def __post_init__(self):
         self.steps = tuple(float(s) for s in self.steps)
@@ -109,6 +121,8 @@ class RolloutConfig:
             raise ValueError("max_seconds_per_step must be > 0 or None")
         if self.latency_p95_ratio < 1.0 or self.latency_slack_ms < 0 or self.max_error_rate_delta < 0:
             raise ValueError("latency_p95_ratio must be >= 1, latency_slack_ms and max_error_rate_delta >= 0")
+        if self.max_error_rate is not None and not 0.0 < self.max_error_rate < 1.0:
+            raise ValueError(f"max_error_rate must be in (0, 1) or None, got {self.max_error_rate}")
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -129,24 +143,39 @@ def _wilson_upper(k: int, n: int, z: float) -> float:
 
 def check_error_rate(champion_errors: list[bool], challenger_errors: list[bool], cfg: RolloutConfig,
                      alpha: float) -> dict:
-    """Exact binomial test of the challenger's errors against (champion's upper confidence bound + delta).
+    """Exact binomial tests of the challenger's errors: against (champion's upper confidence bound + delta), and
+    against the absolute bound `cfg.max_error_rate`. Either failing fails the check.
 
-    Both sides are conservative: the champion's rate is taken at its upper bound, and the challenger must exceed that
-    plus the allowed delta significantly. A small arm therefore needs many errors to fail, e.g. 5 of 10 when the
-    champion has 1 error in 200.
+    The relative test is conservative on both sides: the champion's rate is taken at its upper bound, and the
+    challenger must exceed that plus the allowed delta significantly. A small arm therefore needs many errors to
+    fail, e.g. 5 of 10 when the champion has 1 error in 200. The absolute test needs only `min_samples` challenger
+    requests, so a champion arm starved of samples cannot hide a challenger that fails most requests.
     """
     n_a, n_b = len(champion_errors), len(challenger_errors)
-    out = {"champion_n": n_a, "challenger_n": n_b, "threshold": cfg.max_error_rate_delta, "alpha": alpha}
+    out = {"champion_n": n_a, "challenger_n": n_b, "threshold": cfg.max_error_rate_delta,
+           "max_error_rate": cfg.max_error_rate, "alpha": alpha}
+    k_b = int(sum(challenger_errors))
+    abs_p = 1.0
+    if cfg.max_error_rate is not None and n_b >= cfg.min_samples:
+        abs_p = float(stats.binom.sf(k_b - 1, n_b, cfg.max_error_rate))
+        out.update(challenger_rate=k_b / n_b, abs_p_value=abs_p)
+    abs_fail = k_b / max(n_b, 1) > (cfg.max_error_rate or 1.0) and abs_p < alpha
     if min(n_a, n_b) < cfg.min_samples:
+        if abs_fail:
+            return {**out, "p_value": abs_p, "failed_bound": "absolute", "verdict": FAIL}
         return {**out, "verdict": INSUFFICIENT}
-    k_a, k_b = int(sum(champion_errors)), int(sum(challenger_errors))
+    k_a = int(sum(champion_errors))
     p_a, p_b = k_a / n_a, k_b / n_b
     upper_a = _wilson_upper(k_a, n_a, float(stats.norm.ppf(1 - alpha)))
     null_rate = min(1.0, upper_a + cfg.max_error_rate_delta)
     p_value = float(stats.binom.sf(k_b - 1, n_b, null_rate)) if null_rate < 1.0 else 1.0
-    verdict = FAIL if (p_b - p_a > cfg.max_error_rate_delta and p_value < alpha) else PASS
-    return {**out, "champion_rate": p_a, "challenger_rate": p_b, "delta": p_b - p_a, "champion_upper": upper_a,
-            "null_rate": null_rate, "p_value": p_value, "verdict": verdict}
+    rel_fail = p_b - p_a > cfg.max_error_rate_delta and p_value < alpha
+    out.update(champion_rate=p_a, challenger_rate=p_b, delta=p_b - p_a, champion_upper=upper_a, null_rate=null_rate,
+               relative_p_value=p_value)
+    if rel_fail or abs_fail:
+        bound = "relative" if rel_fail else "absolute"
+        return {**out, "p_value": p_value if rel_fail else abs_p, "failed_bound": bound, "verdict": FAIL}
+    return {**out, "p_value": min(p_value, abs_p), "verdict": PASS}
 
 
 def check_latency(champion_ms: list[float], challenger_ms: list[float], cfg: RolloutConfig, alpha: float) -> dict:
@@ -199,40 +228,68 @@ def check_nll(challenger_nll: list[float], offline_nll: float | None, cfg: Rollo
     return {**out, "online_nll": float(x.mean()), "ratio": ratio, "p_value": p_value, "verdict": verdict}
 
 
-_N_CHECKS = 4
+CHECKS = ("error_rate", "latency_p95", "feedback", "response_nll")
+_N_TESTS = 5  # the error check runs two tests (relative and absolute bound)
+
+
+def look_alpha(alpha: float, look: int, n_tests: int = _N_TESTS) -> float:
+    """The level of a test at its `look`-th analysis (1, 2, ...): alpha / n_tests * 6 / (pi^2 look^2). Summed over
+    every test and every look this is alpha, so any number of looks keeps the chance of a false failure <= alpha."""
+    if isinstance(look, bool) or not isinstance(look, int) or look < 1:
+        raise ValueError(f"look must be an integer >= 1, got {look!r}")
+    return alpha / n_tests * 6.0 / (math.pi ** 2 * look * look)
 
 
 def analyze(rollout: dict, cfg: RolloutConfig, since: int = 0) -> dict:
     """All checks over a rollout state dict: the champion's cumulative samples against the challenger's samples from
-    index `since` on (0: cumulative; > 0: the fresh window that confirms a suspicion).
+    index `since` on (0: cumulative).
 
-    A check "fail"s at alpha / (steps * checks); it is "decisive" when its p-value is below that level squared, the
-    evidence that two independent windows failing at the plain level would give.
+    Each check is tested at `look_alpha(cfg.alpha, k)`, k = 1 + the times it was tested before in this rollout
+    (rollout["looks"]; the caller counts a look for every check whose verdict is not insufficient or skipped).
     """
-    alpha = cfg.alpha / (len(cfg.steps) * _N_CHECKS)
+    looks = rollout.get("looks") or {}
     s, f = rollout["samples"], rollout["feedback"]
     champ, chall = s[CHAMPION], {k: v[since:] for k, v in s[CHALLENGER].items()}
+    level = {name: look_alpha(cfg.alpha, int(looks.get(name, 0)) + 1) for name in CHECKS}
     checks = {
-        "error_rate": check_error_rate(champ["error"], chall["error"], cfg, alpha),
-        "latency_p95": check_latency(champ["latency_ms"], chall["latency_ms"], cfg, alpha),
+        "error_rate": check_error_rate(champ["error"], chall["error"], cfg, level["error_rate"]),
+        "latency_p95": check_latency(champ["latency_ms"], chall["latency_ms"], cfg, level["latency_p95"]),
         "feedback": check_feedback([score for _, score in f[CHAMPION].values()],
-                                   [score for seq, score in f[CHALLENGER].values() if seq >= since], cfg, alpha),
+                                   [score for seq, score in f[CHALLENGER].values() if seq >= since], cfg,
+                                   level["feedback"]),
         "response_nll": check_nll([x for x in chall["nll"] if x is not None and math.isfinite(x)],
-                                  rollout.get("offline_nll"), cfg, alpha),
+                                  rollout.get("offline_nll"), cfg, level["response_nll"]),
     }
-    for c in checks.values():
-        c["decisive"] = c["verdict"] == FAIL and c["p_value"] < alpha * alpha
+    for name, c in checks.items():
+        c["look"] = int(looks.get(name, 0)) + 1
+        c["tested"] = c["verdict"] in (PASS, FAIL) or "abs_p_value" in c  # a look that spent alpha
     failed = [name for name, c in checks.items() if c["verdict"] == FAIL]
-    return {"verdict": FAIL if failed else PASS, "failed": failed, "decisive": [n for n in failed if
-                                                                                 checks[n]["decisive"]],
-            "since": since, "checks": checks}
+    return {"verdict": FAIL if failed else PASS, "failed": failed, "since": since, "checks": checks}
+
+
+def _short_of_samples(analysis: dict, cfg: RolloutConfig) -> list[str]:
+    """Why the rollout may not promote (or advance) yet: the arms short of min_samples, and missing feedback when
+    it is required."""
+    short = []
+    er = analysis["checks"]["error_rate"]
+    for arm in (CHAMPION, CHALLENGER):
+        if er[f"{arm}_n"] < cfg.min_samples:
+            short.append(f"{arm} arm has {er[f'{arm}_n']} requests < min_samples={cfg.min_samples}")
+    fb = analysis["checks"]["feedback"]
+    if cfg.require_feedback and fb["verdict"] == INSUFFICIENT:
+        short.append(f"feedback {fb['champion_n']} champion / {fb['challenger_n']} challenger scores < "
+                     f"min_samples={cfg.min_samples} (require_feedback)")
+    return short
 
 
 def _fail_reason(analysis: dict, names: list[str]) -> str:
     parts = []
     for name in names:
         c = analysis["checks"][name]
-        if name == "error_rate":
+        if name == "error_rate" and c.get("failed_bound") == "absolute":
+            parts.append(f"error rate {c['challenger_rate']:.3f} of {c['challenger_n']} requests above the absolute "
+                         f"bound {c['max_error_rate']} (p={c['p_value']:.2g})")
+        elif name == "error_rate":
             parts.append(f"error rate {c['challenger_rate']:.3f} vs champion {c['champion_rate']:.3f} "
                          f"(delta > {c['threshold']}, p={c['p_value']:.2g})")
         elif name == "latency_p95":
@@ -296,7 +353,8 @@ class RolloutController:
                 "id": uuid.uuid4().hex, "family": family, "champion": champion, "challenger": challenger,
                 "baseline": baseline, "offline_nll": offline_nll, "status": RUNNING, "step": 0, "weight": cfg.steps[0],
                 "step_started_at": now, "step_requests": 0, "started_at": now, "ended_at": None, "reason": None,
-                "config": cfg.as_dict(), "samples": _empty_arms(), "suspect": None,
+                "config": cfg.as_dict(), "samples": _empty_arms(), "looks": {},
+                "client_errors": {CHAMPION: 0, CHALLENGER: 0},
                 "feedback": {CHAMPION: {}, CHALLENGER: {}}, "history": [], "callback_errors": [],
             }
             self._state["rollouts"][family] = ro
@@ -343,9 +401,14 @@ class RolloutController:
             return ro is not None and ro["status"] in ACTIVE
 
     def record(self, family: str, version: str, request_id: str, latency_ms: float, error: bool,
-               response_nll: float | None) -> None:
+               response_nll: float | None, client_error: bool = False) -> None:
         """One served request of a family; ignored unless a rollout of that family is active and version is an arm
-        (the challenger, or the champion or the baseline serving in its place)."""
+        (the challenger, or the champion or the baseline serving in its place).
+
+        client_error=True: the request failed through the client's fault (a 4xx: a prompt over the context length,
+        a bad parameter). It says nothing about the arm, so it is counted apart (status "client_errors") and is
+        neither a sample nor a request of the step.
+        """
         events: list[tuple] = []
         with self._lock:
             ro = self._state["rollouts"].get(family)
@@ -356,6 +419,11 @@ class RolloutController:
             elif version in (ro["champion"], ro.get("baseline")):
                 arm = CHAMPION
             else:
+                return
+            if client_error:
+                ce = ro.setdefault("client_errors", {CHAMPION: 0, CHALLENGER: 0})
+                ce[arm] = int(ce.get(arm, 0)) + 1
+                self._save(durable=False)
                 return
             s = ro["samples"][arm]
             s["latency_ms"].append(float(latency_ms))
@@ -422,37 +490,14 @@ class RolloutController:
             return True
         analysis = analyze(ro, cfg)
         entry["analysis"] = analysis
+        looks = ro.setdefault("looks", {})
+        for name, c in analysis["checks"].items():
+            if c["tested"]:
+                looks[name] = int(looks.get(name, 0)) + 1
         last = ro["step"] == len(cfg.steps) - 1
-        suspect = ro.get("suspect")
-        failure = None
-        if analysis["decisive"]:
-            failure = _fail_reason(analysis, analysis["decisive"])
-        elif suspect is not None:
-            confirm = analyze(ro, cfg, since=suspect["since"])
-            entry["confirmation"] = confirm
-            again = [n for n in suspect["checks"] if n in confirm["failed"]]
-            if again:
-                failure = _fail_reason(confirm, again) + " (confirmed on fresh samples)"
-            elif all(confirm["checks"][n]["verdict"] == INSUFFICIENT for n in suspect["checks"]):
-                entry["decision"] = "hold"  # the fresh window is still too small to confirm or clear
-                ro["history"].append(entry)
-                ro["step_requests"], ro["step_started_at"] = 0, now
-                events.append(("weights", family))
-                return True
-            else:
-                ro["suspect"] = None
-                entry["suspicion_cleared"] = suspect["checks"]
-        if failure is None and analysis["failed"] and suspect is None:
-            # First failure at the plain level: hold the weight and confirm on fresh challenger samples.
-            ro["suspect"] = {"checks": analysis["failed"], "since": len(ro["samples"][CHALLENGER]["error"]),
-                             "at": now}
-            entry["decision"] = "hold"
-            ro["history"].append(entry)
-            ro["step_requests"], ro["step_started_at"] = 0, now
-            events.append(("weights", family))
-            return True
-        if failure is not None:
-            reason = failure
+        short = _short_of_samples(analysis, cfg)
+        if analysis["failed"]:
+            reason = _fail_reason(analysis, analysis["failed"])
             entry["decision"] = "rollback"
             ro["history"].append(entry)
             ro["reason"] = reason
@@ -462,9 +507,13 @@ class RolloutController:
             else:
                 self._end(ro, ROLLED_BACK, reason)
                 events.append(("rollback", family, ro["challenger"], reason))
-        elif (cfg.extend_until_min_samples
-              and analysis["checks"]["error_rate"]["challenger_n"] < cfg.min_samples):
+        elif short and (last or cfg.extend_until_min_samples):
+            # Never promote (nor, by default, raise the share) on too little evidence: extend the step instead.
             entry["decision"] = "extend"
+            entry["short"] = short
+            if ro["weight"] >= 1.0 and any(x.startswith(CHAMPION) for x in short):
+                entry["short"].append("the champion gets no traffic at a 100% step: abort and restart the rollout "
+                                      "with a step below 1.0")
             ro["history"].append(entry)
             ro["step_requests"] = 0
             ro["step_started_at"] = now
@@ -600,4 +649,4 @@ def write_json_atomic(path: Path, obj: dict, durable: bool = True) -> None:
 
 
 __all__ = ["RolloutConfig", "RolloutController", "RolloutError", "analyze", "check_error_rate", "check_latency",
-           "check_feedback", "check_nll", "write_json_atomic"]
+           "check_feedback", "check_nll", "look_alpha", "write_json_atomic"]

@@ -1,6 +1,7 @@
 """Rollout controller: steps, analysis, hold-and-confirm, persistence, gradual rollback; no model, no torch."""
 
 import json
+import math
 import time
 
 import numpy as np
@@ -123,17 +124,96 @@ def test_identical_arms_are_never_rolled_back(tmp_path, scenario):
     assert promotions == 150
 
 
-def test_too_few_samples_is_insufficient_not_a_failure(tmp_path):
+def test_too_few_samples_is_insufficient_never_a_failure_nor_a_promotion(tmp_path):
+    """Issue 16: every check "insufficient" must not promote. The rollout extends its last step instead."""
     ev = Events()
     cfg = RolloutConfig(steps=(0.5, 1.0), requests_per_step=10, min_samples=1000, extend_until_min_samples=False)
-    ctl = ev.controller(tmp_path / "s.json", cfg)
+    ctl = ev.controller(tmp_path / "s.json", cfg, persist_interval_s=3600)
     ctl.start("fam", "1", "2")
-    drive(ctl, np.random.default_rng(2), bad={"err": 1.0, "fb": True, "lat": 10.0})
+    drive(ctl, np.random.default_rng(2), bad={"fb": True, "lat": 10.0}, n_max=2000)
     st = ctl.status("fam")
-    assert st["status"] == "promoted"  # nothing could be concluded, so nothing failed
+    assert st["status"] == "running" and ev.promoted == [] and ev.rolled_back == []
     checks = st["history"][0]["analysis"]["checks"]
     assert [checks[n]["verdict"] for n in ("error_rate", "latency_p95", "feedback")] == [INSUFFICIENT] * 3
     assert checks["response_nll"]["verdict"] == SKIPPED  # no offline baseline given
+    last = st["history"][-1]
+    assert last["decision"] == "extend" and any("min_samples=1000" in x for x in last["short"])
+    assert any("no traffic at a 100% step" in x for x in last["short"])  # the champion arm cannot grow at 1.0
+
+
+def test_issue16_trial_broken_challenger_with_a_starved_champion_arm_is_rolled_back(tmp_path):
+    """steps [0.5, 1.0], 24 requests per step, a challenger failing 65% of requests, the champion arm with 2
+    samples: the absolute error bound catches it although the relative comparison has too few champion samples."""
+    ev = Events()
+    cfg = RolloutConfig(steps=(0.5, 1.0), requests_per_step=24, min_samples=10)
+    ctl = ev.controller(tmp_path / "s.json", cfg)
+    ctl.start("fam", "1", "2")
+    rng = np.random.default_rng(7)
+    for i in range(2):
+        ctl.record("fam", "1", f"c{i}", 30.0, False, None)
+    for i in range(22):
+        ctl.record("fam", "2", f"r{i}", 30.0, bool(rng.random() < 0.65), None)
+    st = ctl.status("fam")
+    assert st["status"] == "rolled_back" and ev.promoted == []
+    assert "absolute bound" in ev.rolled_back[0][2]
+    er = st["history"][-1]["analysis"]["checks"]["error_rate"]
+    assert er["failed_bound"] == "absolute" and er["champion_n"] == 2
+
+
+def test_client_errors_do_not_count_against_an_arm(tmp_path):
+    ev = Events()
+    cfg = RolloutConfig(steps=(0.5, 1.0), requests_per_step=40, min_samples=10)
+    ctl = ev.controller(tmp_path / "s.json", cfg)
+    ctl.start("fam", "1", "2")
+    for i in range(200):  # a client sending prompts over the context length, all routed to the challenger
+        ctl.record("fam", "2", f"x{i}", 1.0, True, None, client_error=True)
+    st = ctl.status("fam")
+    assert st["counts"]["challenger"]["requests"] == 0 and st["step_requests"] == 0
+    assert st["client_errors"] == {"champion": 0, "challenger": 200} and st["status"] == "running"
+    drive(ctl, np.random.default_rng(8))
+    assert ctl.status("fam")["status"] == "promoted" and ev.rolled_back == []
+    ctl.record("fam", "2", "late", 1.0, True, None)  # the existing positional call still works
+
+
+def test_require_feedback_holds_the_promotion_until_feedback_arrives(tmp_path):
+    ev = Events()
+    cfg = RolloutConfig(steps=(0.5, 1.0), requests_per_step=40, min_samples=10, require_feedback=True)
+    ctl = ev.controller(tmp_path / "s.json", cfg, persist_interval_s=3600)
+    ctl.start("fam", "1", "2")
+    rng = np.random.default_rng(9)
+    drive(ctl, rng, feedback=0.0, n_max=400)  # /v1/feedback broken: nothing arrives
+    st = ctl.status("fam")
+    assert st["status"] == "running" and ev.promoted == []
+    assert st["history"][-1]["decision"] == "extend" and "require_feedback" in st["history"][-1]["short"][-1]
+    assert [h["decision"] for h in st["history"]][0] == "extend"  # not even advanced past the first step
+    drive(ctl, rng, feedback=0.6, start_index=400)
+    assert ctl.status("fam")["status"] == "promoted"
+
+
+def test_equal_challenger_under_many_looks_stays_within_alpha(tmp_path):
+    """Alpha spending: with no margins (the plain one-sided tests an equal challenger sits on the boundary of) and
+    tiny steps that make many looks, the rollback rate of an equal challenger stays at or below alpha; a fixed
+    level at every look would exceed it."""
+    cfg = RolloutConfig(steps=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0), requests_per_step=60, min_samples=10,
+                        feedback_margin=0.0, max_error_rate_delta=0.0, alpha=0.2, max_error_rate=None)
+    rollbacks, runs = 0, 150
+    for seed in range(runs):
+        ev = Events()
+        ctl = ev.controller(tmp_path / f"s{seed}.json", cfg, persist_interval_s=3600)
+        ctl.start("fam", "1", "2")
+        drive(ctl, np.random.default_rng(100 + seed), err_p=0.05, feedback=0.9)
+        rollbacks += len(ev.rolled_back)
+        assert ev.promoted or ev.rolled_back
+    assert rollbacks / runs <= 0.2, rollbacks
+
+
+def test_look_alpha_sums_to_alpha():
+    from serving.rollout import look_alpha
+
+    assert look_alpha(0.05, 1) == pytest.approx(0.05 / 5 * 6 / math.pi ** 2)
+    assert sum(look_alpha(0.05, k, n_tests=1) for k in range(1, 200_000)) == pytest.approx(0.05, rel=1e-4)
+    with pytest.raises(ValueError):
+        look_alpha(0.05, 0)
 
 
 def test_step_is_extended_until_challenger_has_min_samples(tmp_path):
@@ -293,7 +373,8 @@ def test_callback_failure_is_recorded_not_raised(tmp_path):
     ctl = RolloutController(tmp_path / "s.json", RolloutConfig(steps=(1.0,), requests_per_step=5, min_samples=1),
                             on_promote=boom, on_rollback=lambda *a: None)
     ctl.start("fam", "1", "2")
-    for i in range(5):
+    ctl.record("fam", "1", "c0", 10.0, False, None)  # a promotion needs min_samples in both arms
+    for i in range(4):
         ctl.record("fam", "2", f"r{i}", 10.0, False, None)
     st = ctl.status("fam")
     assert st["status"] == "promoted" and "registry down" in st["callback_errors"][0]
