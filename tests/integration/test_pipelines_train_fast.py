@@ -239,5 +239,8 @@ def test_fast_path_on_cuda_trains_to_the_plain_losses(method, init_entry, tiny_d
         curves[mode] = [p["train_loss"] for p in m["curve"]]
     line = next(msg for msg in logs if "fast path on cuda" in msg)
     print("\n", line, curves)
-    # bf16 kernels reorder sums: close, not equal
-    assert curves["on"] == pytest.approx(curves["off"], rel=0.02, abs=0.02)
+    assert "torch.compile per layer" in line and "attention=varlen" in line
+    assert ("fused LoRA linears" in line) == (method == "lora")  # DoRA layers run pipelines.fast_dora's forward
+    # bf16 kernels reorder sums: close, not equal. Measured on an H200 (2026-12-04), 8 steps: at most 0.002 nats
+    # apart for either method (0.03%), old and new fast path alike; 1% leaves room for other GPUs
+    assert curves["on"] == pytest.approx(curves["off"], rel=0.01, abs=0.01)
