@@ -413,6 +413,7 @@ class BatchSource:
         self.rng = random.Random(cfg.seed)
         self.queue: list = []
         self.width: int | None = None
+        self._ready = None  # (batch, collated tuple) made by prefetch() for the batch now last in the queue
 
     def _to(self, t):
         if str(self.device).startswith("cuda"):
@@ -427,6 +428,21 @@ class BatchSource:
             self.queue = (packed_batches(self.lengths, cfg.batch_size, cfg.max_len, self.rng) if cfg.packing
                           else length_grouped_batches(self.lengths, cfg.batch_size, self.rng))
         batch = self.queue.pop()
+        ready, self._ready = self._ready, None
+        if ready is not None and ready[0] is batch:
+            return ready[1]
+        return self._collate(batch)
+
+    def prefetch(self) -> None:
+        """Collate the next batch now (and start its copy to the device), so that the next __next__ returns at once:
+        called while the device is still busy with a step. Only peeks at the queue (the data order, the RNG and the
+        checkpointed state are unchanged); nothing when the queue is empty (the next epoch's shuffle stays where
+        it was)."""
+        if self.queue and (self._ready is None or self._ready[0] is not self.queue[-1]):
+            self._ready = (self.queue[-1], self._collate(self.queue[-1]))
+
+    def _collate(self, batch):
+        cfg = self.cfg
         if cfg.packing:
             from pipelines.fast_train import cu_seqlens, max_seqlen_bucket
 
@@ -441,8 +457,7 @@ class BatchSource:
                     "max_seqlen": max_seqlen_bucket(cu, ids.shape[1])}
             return self._to(ids), self._to(labels), None, self._to(pos), real, ids.numel(), meta
         ids, labels, mask = collate([self.rows[i] for i in batch], self.pad_id)
-        return (ids.to(self.device), labels.to(self.device), mask.to(self.device), None, int(mask.sum()),
-                ids.numel(), {})
+        return self._to(ids), self._to(labels), self._to(mask), None, int(mask.sum()), ids.numel(), {}
 
 
 def train_step(model, opt, batches: BatchSource, grad_accum: int, max_grad_norm: float = 1.0) -> dict:
@@ -477,6 +492,8 @@ def train_step(model, opt, batches: BatchSource, grad_accum: int, max_grad_norm:
             opt.step()
         finally:
             del opt.found_inf
+        if hasattr(batches, "prefetch"):
+            batches.prefetch()  # the next batch's collation overlaps this step's queued device work
         loss = float(total) / max(loss_tokens, 1)
     else:
         loss_total += sum(float(x) for x in sums)

@@ -220,6 +220,33 @@ def test_packed_batches_carry_cpu_loss_positions_and_bounds_that_match_the_mask(
         assert c[1] == a[1] and float(c[0]) == pytest.approx(float(a[0]), rel=1e-4)
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_prefetch_keeps_the_data_order_and_the_checkpointed_state(packing):
+    """BatchSource.prefetch (the next batch collated while the device runs a step) changes nothing observable: the
+    same batches in the same order across epochs, the same queue and RNG for checkpoints."""
+    import json
+
+    from pipelines import train
+    import torch
+
+    rng = __import__("random").Random(1)
+    rows = []
+    for _ in range(30):
+        n = rng.randint(8, 60)
+        x = [rng.randrange(5, 4000) for _ in range(n)]
+        rows.append((x, [-100] * (n // 3) + x[n // 3:]))
+    cfg = train.TrainConfig(batch_size=4, max_len=128, packing=packing)
+    plain, ahead = train.BatchSource(rows, cfg, 0), train.BatchSource(rows, cfg, 0)
+    for step in range(12):  # several epochs
+        if step % 3:
+            ahead.prefetch()
+            ahead.prefetch()  # twice: still one batch ahead at most
+        assert json.dumps(ahead.queue) == json.dumps(plain.queue) and ahead.rng.getstate() == plain.rng.getstate()
+        a, b = next(plain), next(ahead)
+        assert all(torch.equal(x, y) for x, y in zip(a[:4], b[:4]) if x is not None) and a[4:6] == b[4:6]
+        assert a[6].keys() == b[6].keys()
+
+
 torch = pytest.importorskip("torch")
 
 
