@@ -340,6 +340,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=d.alpha, help="family-wise false-alarm rate per window")
     parser.add_argument("--min-window", type=int, default=d.min_window,
                         help="fewest values per side for a stat to be tested")
+    parser.add_argument("--novelty-quantile", type=float, default=d.novelty_quantile,
+                        help="the novelty tail count counts window prompts above this quantile of the index's "
+                             "leave-one-out novelty")
     parser.add_argument("--no-embeddings", action="store_true", help="do not load the embedding model")
     parser.add_argument("--fail-on-drift", action="store_true", help="exit with status 1 when any window drifted")
 
@@ -352,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    cfg = DriftConfig(alpha=args.alpha, min_window=args.min_window)
+    cfg = DriftConfig(alpha=args.alpha, min_window=args.min_window,
+                      novelty_quantile=getattr(args, "novelty_quantile", DriftConfig.novelty_quantile))
     out = run_check(args.reference, args.current, args.json_out, index_prompts=args.index, cfg=cfg,
                     use_embeddings=not args.no_embeddings)
     for r in out["results"]:

@@ -117,9 +117,15 @@ def check_window(reference_dir: Path, rows: list[dict], cfg: DriftConfig, encode
                 current[i][stat] = float(v)
     result = check_windows(reference, [current], cfg, encoder=encoder, index=index)[0].as_dict()
     cols = list(REQUEST_STATS) + list(EMBEDDING_STATS)
+    versions = sorted({str(r["version"]) for r in rows if r.get("version") is not None})
+    stamps = [r["ts"] for r in rows if r.get("ts") is not None]
+    ids = [r["id"] for r in rows if r.get("id") is not None]
+    window = {"n": len(rows), "first_ts": min(stamps, default=None), "last_ts": max(stamps, default=None),
+              "first_id": min(ids, default=None), "last_id": max(ids, default=None)}
+    decision = {**result, "version": ",".join(versions) or None, "window": window, "config": cfg.as_dict()}
     write_evidently_report(pd.DataFrame([{k: r.get(k) for k in cols} for r in reference], dtype=float),
                            pd.DataFrame([{k: r.get(k) for k in cols} for r in current], dtype=float),
-                           report, title=f"drift report: {report.stem}")
+                           report, title=f"drift report: {report.stem}", decision=decision)
     return result
 
 

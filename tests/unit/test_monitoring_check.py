@@ -283,7 +283,8 @@ def test_check_window_reuses_stored_embeddings_writes_back_the_rest_and_tests_no
 
     reports = []
     monkeypatch.setattr(monitoring.report, "write_evidently_report",
-                        lambda ref, cur, path, title="": reports.append((ref, cur, path)) or path)
+                        lambda ref, cur, path, title="", decision=None: reports.append((ref, cur, path, decision))
+                        or path)
     enc = BagOfWordsEncoder()
     ref_dir = tmp_path / "monitoring"
     ref_dir.mkdir()
@@ -312,3 +313,20 @@ def test_check_window_reuses_stored_embeddings_writes_back_the_rest_and_tests_no
         again = check_window(ref_dir, log.query(family="s", version="1"), cfg, enc, tmp_path / "r.html", log=log)
         assert enc.calls == [] and again["tests"] == result["tests"]
     assert NOVELTY_STAT in reports[0][1].columns
+    decision = reports[0][3]  # the report states the product's own verdict, version and window
+    assert decision["status"] == result["status"] and decision["tests"] == result["tests"]
+    assert decision["version"] == "1" and decision["window"]["n"] == 200
+    assert decision["window"]["first_ts"] <= decision["window"]["last_ts"]
+
+
+def test_report_decision_block_carries_the_verdict_version_and_window():
+    from monitoring.report import decision_html
+
+    block = decision_html({"status": "drift", "reason": "drift in embedding_novelty <b>", "version": "3",
+                           "window": {"n": 200, "first_ts": 0.0, "last_ts": 3600.0, "first_id": 5, "last_id": 204},
+                           "config": {"alpha": 0.01, "min_window": 50},
+                           "tests": [{"name": NOVELTY_STAT, "statistic": 0.2, "p_value": 1e-6, "threshold": 0.002,
+                                      "fired": True, "n_reference": 1000, "n_current": 200, "note": ""}]})
+    assert "adapterops decision: drift" in block and "&lt;b&gt;" in block  # escaped
+    assert "version: 3" in block and "200 requests" in block and "1970-01-01 01:00:00Z" in block
+    assert "FIRED" in block and NOVELTY_STAT in block and "0.002" in block
