@@ -232,9 +232,27 @@ def send_drift_alert(ws: Workspace, family: str, version: str, result: dict, det
     return errors
 
 
+def report_verdict_to_server(server_url: str, family: str, version: str, result: dict,
+                             api_key: str | None = None) -> dict:
+    """Send one window's verdict to the model server's fallback policy (POST /admin/drift), so that a severe drift
+    engages the fallback without anyone calling it by hand, and an "ok" window resets the policy's streak. Returns
+    {"sent": True, "decision": ...} or {"sent": False, "error": ...}: a server that is down never fails the monitor."""
+    from serving.client import AdminAPIError, AdminClient
+
+    key = api_key if api_key is not None else os.environ.get("ADAPTEROPS_API_KEY")
+    try:
+        with AdminClient(server_url, key) as client:
+            answer = client.report_drift(family, result, version=version)
+    except (AdminAPIError, OSError, ValueError) as e:
+        return {"sent": False, "error": f"{type(e).__name__}: {e}"}
+    except Exception as e:  # noqa: BLE001 - httpx transport errors and the like: the monitor's verdict stands
+        return {"sent": False, "error": f"{type(e).__name__}: {e}"}
+    return {"sent": True, "decision": answer.get("decision"), "error": answer.get("error")}
+
+
 @flow(name="monitor-check", validate_parameters=False)
 def monitor_check(ws: Workspace, family: str, drift: dict | None = None, max_window: int = 500,
-                  webhook_url: str = "") -> dict:
+                  webhook_url: str = "", server_url: str | None = None) -> dict:
     """One scheduled drift check of `family`'s champion: the requests logged since the previous check against the
     champion's monitoring reference (KS, embedding similarity and the novelty tail count, Holm;
     pipelines.demo.check_window). Prompt embeddings stored in the prediction log are reused; the missing ones are
@@ -243,7 +261,9 @@ def monitor_check(ws: Workspace, family: str, drift: dict | None = None, max_win
     A window below `drift.min_window` requests is "insufficient_data": no alert, and it stays open (the next check
     sees these requests plus newer ones). A larger one is tested on its newest `max_window` requests and closed. An
     alert (drift in `drift.consecutive` windows in a row) goes to the log, <workdir>/alerts.jsonl, the webhook and
-    the `adapterops.drift.alert` event, which starts the family's retrain deployment.
+    the `adapterops.drift.alert` event, which starts the family's retrain deployment. Every tested verdict also goes
+    to the model server at `server_url` (None: $ADAPTEROPS_SERVER_URL; empty: nowhere), whose fallback policy
+    engages the fallback once the drift is severe (serving/fallback.py) and resets its streak on an "ok" window.
     """
     from monitoring.drift import ConsecutiveRule, DriftConfig, DriftResult
 
@@ -283,8 +303,13 @@ def monitor_check(ws: Workspace, family: str, drift: dict | None = None, max_win
     errors = send_drift_alert(ws, family, version, result, {"window": span, "report": str(report)},
                               webhook_url) if fire else []
     write_monitor_state(ws, family, {"version": version, "last_id": span["last_id"], "streak": rule.streak})
+    server_url = os.environ.get("ADAPTEROPS_SERVER_URL", "") if server_url is None else server_url
+    fallback = report_verdict_to_server(server_url, family, version, result) if server_url else None
+    if fallback is not None and not fallback["sent"]:
+        log(f"monitor [{family}@{version}]: the verdict did not reach the server at {server_url} "
+            f"({fallback['error']}); its fallback policy did not see this window")
     return {**out, **result, "alert": fire, "alert_errors": errors, "window": span, "streak": rule.streak,
-            "report": str(report)}
+            "report": str(report), "fallback": fallback}
 
 
 @flow(name="reference-ppl-check", validate_parameters=False)
