@@ -406,13 +406,13 @@ class BuiltinEngine:
             s = lora[1]
             gw = self._width * len(GROUPS[g])
             y = y + F.linear(x, a[s * gw:(s + 1) * gw]) @ bt[s * gw:(s + 1) * gw]
-            if s in self._dora_slots:
-                y = y * (1 + self._gm1[li][g][s])
+            if s in self._dora_slots:  # y + y (g - 1), not y * g: in bf16 1 + (g - 1) rounds to steps of 1/128
+                y = torch.addcmul(y, y, self._gm1[li][g][s])
         else:
             _, onehot, masks, dora = lora
             y = torch.addmm(y, F.linear(x, a) * masks[g], bt)
             if dora:
-                y = y * (1 + onehot @ self._gm1[li][g])
+                y = torch.addcmul(y, y, onehot @ self._gm1[li][g])
         return y if b is None else y + b
 
     def _lora_ctx(self, onehot: torch.Tensor | None, single: int | None, dora: bool):

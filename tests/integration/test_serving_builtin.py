@@ -727,23 +727,41 @@ def test_a_stuck_scheduler_answers_with_engine_error(adapters, monkeypatch):
         eng.close()
 
 
-@pytest.mark.skipif(not CUDA, reason="no CUDA device")
-def test_cuda_bf16_default_engine(adapters, refs):
-    """The production default on a GPU: bf16 weights and cache, CUDA graphs; close to the fp32 reference."""
-    eng = BuiltinEngine(BASE, device="cuda", max_batch=16)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_engine_is_as_close_to_fp32_as_transformers_in_bf16(adapters, refs, device):
+    """bf16 (the default on a GPU, with CUDA graphs): its distance to the fp32 reference is no worse than that of
+    transformers + PEFT run in bf16 on the same device (random-init adapters have near-ties, so a bare top-1 threshold
+    would measure the adapters, not the engine)."""
+    eng = BuiltinEngine(BASE, device=device, dtype=torch.bfloat16, max_batch=16)
     try:
-        assert eng.dtype == torch.bfloat16 and eng.cuda_graphs
+        assert eng.cuda_graphs == (device == "cuda")
         for name in ("lora", "dora", "pissa"):
             eng.load(KEYS[name], adapters[name])
         for name in (None, "lora", "dora", "pissa"):
+            hf = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.bfloat16)
+            if name is not None:
+                hf = PeftModel.from_pretrained(hf, str(adapters[name]))
+            hf = hf.to(device).eval()
+            err = {"engine": [], "hf": []}
+            agree = {"engine": 0, "hf": 0}
             for pl in eng.prompt_logprobs(PROMPTS_MORE, KEYS.get(name)):
                 want, top1 = refs.prompt_logprobs(name, pl.token_ids)
-                assert (torch.tensor(pl.logprobs) - want).abs().mean() < 0.05
-                assert (torch.tensor(pl.top1_ids) == top1).float().mean() >= 0.8
-        out = eng.generate([req(p, n, max_tokens=24) for p, n in [(q, n) for q in PROMPTS_MORE
-                                                                  for n in (None, "lora", "dora", "pissa")]])
+                with torch.no_grad():
+                    logits = hf(input_ids=torch.tensor([pl.token_ids], device=device)).logits[0, :-1].float().cpu()
+                hf_logp = torch.log_softmax(logits, -1)
+                hf_lp = hf_logp.gather(-1, torch.tensor(pl.token_ids[1:])[:, None]).squeeze(-1)
+                err["engine"].append(torch.tensor(pl.logprobs) - want)
+                err["hf"].append(hf_lp - want)
+                agree["engine"] += int((torch.tensor(pl.top1_ids) == top1).sum())
+                agree["hf"] += int((hf_logp.argmax(-1) == top1).sum())
+            e_engine, e_hf = (float(torch.cat(err[k]).abs().mean()) for k in ("engine", "hf"))
+            n = sum(len(e) for e in err["engine"])
+            assert e_engine <= 2 * e_hf + 0.01, (name, e_engine, e_hf)
+            assert agree["engine"] >= agree["hf"] - 0.05 * n, (name, agree, n)
+        out = eng.generate([req(q, n, max_tokens=24) for q in PROMPTS_MORE for n in (None, "lora", "dora", "pissa")])
         assert all(isinstance(g, Generation) and g.completion_tokens == 24 for g in out), out
-        assert eng.cuda_graphs and eng._graphs
+        if device == "cuda":
+            assert eng.cuda_graphs and eng._graphs
         assert_idle(eng)
     finally:
         eng.close()
