@@ -283,6 +283,7 @@ class S3Store:
         multipart_chunksize: int = 16 * 1024 * 1024,
         max_attempts: int = 3,
         connect_timeout: float = 3.0,
+        read_timeout: float = 10.0,
     ):
         import boto3
         from boto3.s3.transfer import TransferConfig
@@ -301,7 +302,7 @@ class S3Store:
                 config=Config(
                     retries={"max_attempts": max_attempts, "mode": "standard"},
                     connect_timeout=connect_timeout,
-                    read_timeout=60,
+                    read_timeout=read_timeout,  # per socket read, not per transfer: big files are fine
                 ),
             )
         self.client = client

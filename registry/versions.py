@@ -267,7 +267,7 @@ class AdapterRegistry:
         self._probe()
         from mlflow import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self.client = _GuardedClient(MlflowClient(tracking_uri=uri, registry_uri=uri), self._safe_uri())
 
     def __repr__(self) -> str:
         return f"AdapterRegistry({self._safe_uri()!r})"
@@ -358,6 +358,8 @@ class AdapterRegistry:
         t0 = time.monotonic()
         try:
             self.client.search_registered_models(max_results=1)
+        except RegistryError:
+            raise
         except Exception as e:  # noqa: BLE001 - any failure means not ready
             raise RegistryError(
                 f"MLflow backend {self._safe_uri()} does not answer a registry query: {_first_line(e)}; "
@@ -1010,7 +1012,9 @@ class AdapterRegistry:
                         tracking_uri=self.tracking_uri,
                     )
                 )
-            except (MlflowException, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - MLflow, boto3 and requests each raise their own
+                if not (_looks_unreachable(e) or isinstance(e, (MlflowException, OSError))):
+                    raise
                 detail = " ".join(str(e).split()).split("#####")[-1].strip()[:300]  # MLflow: "##### File x #####"
                 if _looks_unreachable(e):
                     raise RegistryError(
@@ -1065,7 +1069,9 @@ class AdapterRegistry:
                         local = Path(mlflow.artifacts.download_artifacts(
                             artifact_uri=f"{info.source.rstrip('/')}/{name}", dst_path=tmp,
                             tracking_uri=self.tracking_uri))
-                    except (MlflowException, OSError) as e:
+                    except Exception as e:  # noqa: BLE001 - MLflow, boto3 and requests each raise their own
+                        if not (_looks_unreachable(e) or isinstance(e, (MlflowException, OSError))):
+                            raise
                         detail = " ".join(str(e).split()).split("#####")[-1].strip()[:200]
                         if _looks_unreachable(e):
                             raise RegistryError(
@@ -1085,6 +1091,35 @@ class AdapterRegistry:
         return rows
 
 
+class _GuardedClient:
+    """An MlflowClient whose calls fail with one RegistryError naming the backend when it does not answer (a server,
+    its database or its artifact store down), after MLflow's bounded retries (MLFLOW_HTTP_BOUNDS), instead of a raw
+    MlflowException / requests / sqlalchemy error."""
+
+    def __init__(self, client, uri: str):
+        self._client, self._uri = client, uri
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except RegistryError:
+                raise
+            except Exception as e:
+                if not _looks_unreachable(e):
+                    raise
+                raise RegistryError(
+                    f"MLflow backend {self._uri} does not answer ({name}: {_first_line(e)[:200]}); start it (and its "
+                    "database and artifact store) or fix MLFLOW_TRACKING_URI, then retry"
+                ) from e
+
+        return call
+
+
 def _looks_unreachable(e: BaseException) -> bool:
     """A connection failure (store down) rather than an answer that the object is not there."""
     seen: set[int] = set()
@@ -1094,7 +1129,9 @@ def _looks_unreachable(e: BaseException) -> bool:
             return True
         text = str(e)
         if any(s in text for s in ("Max retries exceeded", "Connection refused", "Could not connect",
-                                   "timed out", "ConnectTimeout", "EndpointConnectionError")):
+                                   "timed out", "ConnectTimeout", "EndpointConnectionError", "too many 500 error",
+                                   "too many 503 error", "Connection reset", "could not connect to server",
+                                   "Connection aborted", "RemoteDisconnected")):
             return True
         e = e.__cause__ or e.__context__
     return False
