@@ -133,23 +133,19 @@ class RolloutConfig:
 # ---------------------------------------------------------------------------------------------------- analysis
 
 
-def _wilson_upper(k: int, n: int, z: float) -> float:
-    p = k / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return min(1.0, center + half)
-
-
 def check_error_rate(champion_errors: list[bool], challenger_errors: list[bool], cfg: RolloutConfig,
                      alpha: float) -> dict:
-    """Exact binomial tests of the challenger's errors: against (champion's upper confidence bound + delta), and
-    against the absolute bound `cfg.max_error_rate`. Either failing fails the check.
+    """Two one-sided tests of the challenger's errors; either failing fails the check.
 
-    The relative test is conservative on both sides: the champion's rate is taken at its upper bound, and the
-    challenger must exceed that plus the allowed delta significantly. A small arm therefore needs many errors to
-    fail, e.g. 5 of 10 when the champion has 1 error in 200. The absolute test needs only `min_samples` challenger
-    requests, so a champion arm starved of samples cannot hide a challenger that fails most requests.
+    Relative: is the challenger's error rate above the champion's by more than `max_error_rate_delta`? A z-test of
+    the risk difference against that margin (the non-inferiority test of clinical trials), with each arm's
+    variance floored so that a small arm without errors still counts as uncertain; a small arm needs many errors to
+    fail, e.g. 5 of 10 at the first look when the champion has 1 error in 200. (Bench/canary_eval.py: it catches a challenger failing
+    20% of requests against a champion's 2% before 100% of traffic; testing against the champion's upper
+    confidence bound instead, as before, let 8% of those through.)
+    Absolute: an exact binomial test of the challenger's errors against `max_error_rate`. It needs only
+    `min_samples` challenger requests, so a champion arm starved of samples cannot hide a challenger that fails most
+    requests.
     """
     n_a, n_b = len(champion_errors), len(challenger_errors)
     out = {"champion_n": n_a, "challenger_n": n_b, "threshold": cfg.max_error_rate_delta,
@@ -166,12 +162,13 @@ def check_error_rate(champion_errors: list[bool], challenger_errors: list[bool],
         return {**out, "verdict": INSUFFICIENT}
     k_a = int(sum(champion_errors))
     p_a, p_b = k_a / n_a, k_b / n_b
-    upper_a = _wilson_upper(k_a, n_a, float(stats.norm.ppf(1 - alpha)))
-    null_rate = min(1.0, upper_a + cfg.max_error_rate_delta)
-    p_value = float(stats.binom.sf(k_b - 1, n_b, null_rate)) if null_rate < 1.0 else 1.0
+    # One-sided z-test of H0: p_b - p_a <= delta (risk-difference non-inferiority), each arm's variance floored at
+    # that of half an error so that an arm without errors still counts as uncertain.
+    var = (max(p_a * (1 - p_a), 0.5 / n_a) / n_a) + (max(p_b * (1 - p_b), 0.5 / n_b) / n_b)
+    z = (p_b - p_a - cfg.max_error_rate_delta) / math.sqrt(var)
+    p_value = float(stats.norm.sf(z))
     rel_fail = p_b - p_a > cfg.max_error_rate_delta and p_value < alpha
-    out.update(champion_rate=p_a, challenger_rate=p_b, delta=p_b - p_a, champion_upper=upper_a, null_rate=null_rate,
-               relative_p_value=p_value)
+    out.update(champion_rate=p_a, challenger_rate=p_b, delta=p_b - p_a, z=z, relative_p_value=p_value)
     if rel_fail or abs_fail:
         bound = "relative" if rel_fail else "absolute"
         return {**out, "p_value": p_value if rel_fail else abs_p, "failed_bound": bound, "verdict": FAIL}
