@@ -774,6 +774,8 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
         raise HealthCheckFailed(health)
     if precision == "bf16":  # save fp32 adapters, whatever the frozen base ran in
         model = model.float()
+    for peft_cfg in model.peft_config.values():  # a warm start loaded its parent's marked native config
+        peft_cfg.base_model_name_or_path = str(base_path)
     with manifest.staging(out) as tmp:
         model.save_pretrained(tmp / "adapter_native")
         if method == "pissa":
