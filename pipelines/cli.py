@@ -270,6 +270,8 @@ def cmd_registry(args) -> int:
     from registry import display
     from registry.versions import AdapterRegistry
 
+    if getattr(args, "wait", 0.0) < 0:
+        raise CliError(f"--wait is in seconds and must be >= 0, got {args.wait}")
     # no registry command creates a database: a mistyped SQLite path is refused, not made into an empty registry
     reg = AdapterRegistry(args.tracking_uri or None, lease_wait_seconds=getattr(args, "wait", 15.0), create=False)
 
@@ -347,8 +349,9 @@ def cmd_serve(args) -> int:
         raise CliError(f"--auto-canary is a polling interval in seconds and must be > 0, got {args.auto_canary}")
     if not 1 <= args.port <= 65535:
         raise CliError(f"--port must be in [1, 65535], got {args.port}")
+    engine = _engine_spec(args)
     serve(_workspace(args), args.host, args.port, os.environ.get("ADAPTEROPS_API_KEY"), fallback_cfg=fallback_cfg,
-          auto_canary_poll_s=args.auto_canary, engine=_engine_spec(args))
+          auto_canary_poll_s=args.auto_canary, engine=engine)
     return 0
 
 
@@ -362,6 +365,10 @@ def cmd_rollout(args) -> int:
         except ValueError:
             raise CliError(f"--steps {args.steps!r} is not a comma-separated list of traffic shares, e.g. "
                            f"0.05,0.25,0.5,1") from None
+        if not all(0 < x <= 1 for x in steps):
+            raise CliError(f"--steps {args.steps!r}: every traffic share must be in (0, 1], e.g. 0.05,0.25,0.5,1")
+    if getattr(args, "requests_per_step", None) is not None and args.requests_per_step < 1:
+        raise CliError(f"--requests-per-step must be at least 1, got {args.requests_per_step}")
     try:
         with AdminClient(args.url, args.api_key or os.environ.get("ADAPTEROPS_API_KEY")) as client:
             if args.action == "status":

@@ -82,6 +82,23 @@ class Workspace:
             shutil.copytree(reg.download(family, version, name, self.root / "downloads"), tmp / name)
         got = reg.download(family, version, "train_manifest", self.root / "downloads")
         shutil.copy(got / "manifest.json" if got.is_dir() else got, tmp / "manifest.json")
+        _bind_old_version(tmp)
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
         return dest
+
+
+def _bind_old_version(out: Path) -> None:
+    """A version registered before base bindings: write them from its training manifest into this local copy, so
+    its adapter_native/ (the PiSSA adapter on the residual base) is marked like a new one's."""
+    import json
+
+    from registry.binding import BINDING_FILE, write_binding
+
+    m = json.loads((out / "manifest.json").read_text())
+    base_sha, key, method = m["inputs"]["base_sha256"], m["inputs"].get("init_key", ""), m.get("method", "")
+    if not (out / "adapter" / BINDING_FILE).is_file():
+        write_binding(out / "adapter", base_sha, "plain", method, key)
+    if not (out / "adapter_native" / BINDING_FILE).is_file():
+        write_binding(out / "adapter_native", base_sha, "pissa_residual" if method == "pissa" else "plain", method,
+                      key)

@@ -119,6 +119,13 @@ def files(tmp_path_factory):
     (entry / "manifest.json").write_text("{}")
     (entry / "_index.json").write_text('{"key": "init-cache/abc123", "files": {"manifest.js')
     f["store-truncated"] = store
+    tb = root / "truncated-base"
+    tb.mkdir()
+    for p in BASE.iterdir():
+        if p.suffix in (".json", ".jinja"):
+            (tb / p.name).write_bytes(p.read_bytes())
+    (tb / "model.safetensors").write_bytes((BASE / "model.safetensors").read_bytes()[:100_000])
+    f["truncated-base"] = tb
     f["store-empty"] = root / "store-empty"
     f["store-empty"].mkdir()
     return f
@@ -391,6 +398,21 @@ CASES = [
                                                      str(f["unknown-key.yaml"])], 2, ["unknown key(s) stpes"]),
     ("rollout-steps-not-numbers", lambda f: ["rollout", "start", "fam", "--steps", "a,b"], 2,
      ["--steps 'a,b' is not a comma-separated list"]),
+    ("rollout-steps-above-1", lambda f: ["rollout", "start", "fam", "--steps", "0.5,2"], 2,
+     ["every traffic share must be in (0, 1]"]),
+    ("rollout-steps-zero", lambda f: ["rollout", "start", "fam", "--steps", "0,1"], 2, ["must be in (0, 1]"]),
+    ("rollout-steps-nan", lambda f: ["rollout", "start", "fam", "--steps", "nan,1"], 2, ["must be in (0, 1]"]),
+    ("rollout-requests-per-step-0", lambda f: ["rollout", "start", "fam", "--requests-per-step", "0"], 2,
+     ["--requests-per-step must be at least 1"]),
+    ("registry-promote-negative-wait", lambda f: ["registry", "--tracking-uri", f"sqlite:///{f['root']}/x.db",
+                                                  "promote", "fam", "1", "--wait", "-1"], 2,
+     ["--wait is in seconds and must be >= 0"]),
+    ("ic-warm-truncated-base-weights", lambda f: ["init-cache", "warm", "--method", "lora", "--rank", "2", "--base",
+                                                  str(f["truncated-base"]), "--store", str(f["store-empty"]),
+                                                  "--scratch", str(f["a-dir"])], 2,
+     ["truncated-base/model.safetensors is not readable safetensors", "restore it"]),
+    ("serve-max-lora-rank-0", lambda f: ["serve", "--workdir", str(f["serve-wd"]), "--max-lora-rank", "0"], 2,
+     ["--max-lora-rank must be at least 1"]),
     # -- registry: refused before any database is opened or created ---------------------------------------------------
     *[(f"registry-{action}-missing-sqlite", (lambda a: lambda f: ["registry", "--tracking-uri",
                                                                   f"sqlite:///{f['root']}/typo/mlflow.db", *a])(argv),
