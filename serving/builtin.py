@@ -16,9 +16,10 @@ How it works (a vLLM-lite, for one Llama-architecture base):
   slot together; the batch row of a request is its slot, rows finish and free independently.
 - Adapters live in per-layer packed tensors, one per fused matrix: A [(max_loras+1)*g*w, in],
   B^T [(max_loras+1)*g*w, out] (slot 0 = no adapter, zeros; w = the widest loaded rank, others zero-padded;
-  g = matrices fused) with the scale folded into B. A batch of mixed adapters costs two matmuls per fused matrix:
-  x @ A^T over every slot's columns, masked to each row's own slot (a one-hot mask), then @ B^T — no per-row gather
-  and no per-adapter loop, whatever the mix. A batch that shares one adapter uses its block only (eager path).
+  g = matrices fused) with the scale folded into B. The packed A is stored as extra rows under the base weight
+  ([W; A] is one tensor), so one matmul gives W x and x A^T for every slot; masked to each row's own slot (a one-hot
+  mask), then one addmm with B^T adds the adapters — no per-row gather and no per-adapter loop, whatever the mix. A
+  batch that shares one adapter skips the mask and uses its slot's block of B only (its own CUDA graph too).
   DoRA: y = g * (W x + s B A x) + bias, g = magnitude / ||W + s B A||_row precomputed at load (PEFT's definition).
 - On CUDA the decode step is captured as a CUDA graph per (batch bucket, attention-length bucket, mode), so a step
   costs the GPU's time rather than ~1000 Python kernel launches; the one-hot mask is a static input, so switching
@@ -313,6 +314,7 @@ class BuiltinEngine:
         self._width = 0
         self._packs: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
         self._gm1: list[dict[str, torch.Tensor]] = []  # DoRA g - 1 per slot [n_slots, out] (zeros: not DoRA)
+        self._wa: list[dict[str, torch.Tensor]] = []  # per layer and fused matrix: [W; every slot's A], one tensor
         self._dora_slots: set[int] = set()
         # scheduling
         self._cv = threading.Condition()
@@ -400,17 +402,22 @@ class BuiltinEngine:
         w, b = self.layers[li][g]
         if lora is None:
             return F.linear(x, w, b)
-        y = F.linear(x, w)  # the bias is added after DoRA's scale: PEFT scales W x + s B A x only
-        a, bt = self._packs[li][g]
+        # W and every slot's A are rows of one matrix: one matmul gives W x and all the x A^T columns (at decode
+        # sizes a separate small matmul costs a kernel launch more than its arithmetic); the bias is added after
+        # DoRA's scale, as PEFT scales W x + s B A x only
+        out = w.shape[0]
+        ya = F.linear(x, self._wa[li][g])
+        y, xa = ya[:, :out], ya[:, out:]
+        bt = self._packs[li][g][1]
         if lora[0] == "one":
             s = lora[1]
             gw = self._width * len(GROUPS[g])
-            y = y + F.linear(x, a[s * gw:(s + 1) * gw]) @ bt[s * gw:(s + 1) * gw]
+            y = torch.addmm(y, xa[:, s * gw:(s + 1) * gw], bt[s * gw:(s + 1) * gw])
             if s in self._dora_slots:  # y + y (g - 1), not y * g: in bf16 1 + (g - 1) rounds to steps of 1/128
                 y = torch.addcmul(y, y, self._gm1[li][g][s])
         else:
             _, onehot, masks, dora = lora
-            y = torch.addmm(y, F.linear(x, a) * masks[g], bt)
+            y = torch.addmm(y, xa * masks[g], bt)
             if dora:
                 y = torch.addcmul(y, y, onehot @ self._gm1[li][g])
         return y if b is None else y + b
@@ -494,17 +501,24 @@ class BuiltinEngine:
     def _alloc_packs(self, width: int) -> None:
         """(Re)build every layer's packed A / B^T at rank width `width` from the slots' weights."""
         s = self.max_loras + 1
-        packs, gm1 = [], []
+        packs, gm1, was = [], [], []
         for li in range(self.n_layers):
-            lp, lg = {}, {}
+            lp, lg, lw = {}, {}, {}
             for g, mods in GROUPS.items():
                 cols = s * width * len(mods)
-                lp[g] = (torch.zeros(cols, self.sub_in[g], dtype=self.dtype, device=self.device),
-                         torch.zeros(cols, sum(self.sub_out[g]), dtype=self.dtype, device=self.device))
+                w, b = self.layers[li][g]
+                out = w.shape[0]
+                wa = torch.zeros(out + cols, self.sub_in[g], dtype=self.dtype, device=self.device)
+                wa[:out] = w
+                self.layers[li][g] = (wa[:out], b)  # the base weight is now the first rows of [W; A_packed]
+                lw[g] = wa
+                lp[g] = (wa[out:], torch.zeros(cols, sum(self.sub_out[g]), dtype=self.dtype, device=self.device))
                 lg[g] = torch.zeros(s, sum(self.sub_out[g]), dtype=self.dtype, device=self.device)
+                del w
             packs.append(lp)
             gm1.append(lg)
-        self._packs, self._gm1, self._width = packs, gm1, width
+            was.append(lw)
+        self._packs, self._gm1, self._wa, self._width = packs, gm1, was, width
         self._graphs.clear()
         for slot in self._slots:
             if slot is not None:
@@ -846,7 +860,7 @@ class BuiltinEngine:
             self._graphs.clear()
             self._graph_pool = None
             self.k_cache = self.v_cache = None
-            self._packs, self._gm1, self.layers = [], [], []
+            self._packs, self._gm1, self._wa, self.layers = [], [], [], []
             self.embed = self.lm_head = self.final_norm = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -959,6 +973,9 @@ class BuiltinEngine:
         if self.cuda_graphs:
             if slots == {0}:
                 mode = "base"
+            elif len(slots) == 1 and 0 not in slots:  # one adapter for every row: its own block, no mask
+                [si] = slots
+                mode = f"one:{si}:{int(dora)}"
             else:
                 mode = "dora" if dora else "lora"
                 onehot, _ = self._onehot(seqs, nb)
@@ -990,7 +1007,12 @@ class BuiltinEngine:
         entry = self._graphs.get(key)
         if entry is None:
             def fn():
-                lora = None if mode == "base" else self._lora_ctx(self._st_onehot[:nb], None, mode == "dora")
+                if mode == "base":
+                    lora = None
+                elif mode.startswith("one:"):
+                    lora = ("one", int(mode.split(":")[1]))
+                else:
+                    lora = self._lora_ctx(self._st_onehot[:nb], None, mode == "dora")
                 return self._decode_forward(nb, length, lora)
 
             stream = torch.cuda.Stream()

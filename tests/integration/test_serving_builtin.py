@@ -256,7 +256,8 @@ def test_mixed_batch_equals_solo(engine):
     # the one batch really mixed adapters (else it is the single-adapter path again)
     assert len({n for _, n in MIX}) == 8
     if engine.device.type == "cuda":  # decoded through CUDA graphs (no silent fall back to eager)
-        assert engine.cuda_graphs and {k[2] for k in engine._graphs} >= {"lora", "dora"}, list(engine._graphs)
+        modes = {k[2] for k in engine._graphs}  # the mixed batch ("dora": it holds DoRA rows); solos: "one:<slot>"
+        assert engine.cuda_graphs and "dora" in modes and any(m.startswith("one:") for m in modes), modes
     assert_idle(engine)
 
 
