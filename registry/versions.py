@@ -267,7 +267,8 @@ class AdapterRegistry:
         self._probe()
         from mlflow import MlflowClient
 
-        self.client = _GuardedClient(MlflowClient(tracking_uri=uri, registry_uri=uri), self._safe_uri())
+        bounded = _with_connect_timeout(uri)
+        self.client = _GuardedClient(MlflowClient(tracking_uri=bounded, registry_uri=bounded), self._safe_uri())
 
     def __repr__(self) -> str:
         return f"AdapterRegistry({self._safe_uri()!r})"
@@ -1091,6 +1092,18 @@ class AdapterRegistry:
         return rows
 
 
+DB_CONNECT_TIMEOUT_S = 10
+"""A direct PostgreSQL/MySQL URI without its own connect_timeout gets this one (the driver's default waits for the
+OS's TCP timeout, minutes, on a host that does not answer)."""
+
+
+def _with_connect_timeout(uri: str) -> str:
+    scheme = urlparse(uri).scheme.split("+")[0]
+    if scheme not in ("postgresql", "postgres", "mysql") or "connect_timeout=" in uri:
+        return uri
+    return f"{uri}{'&' if '?' in uri else '?'}connect_timeout={DB_CONNECT_TIMEOUT_S}"
+
+
 class _GuardedClient:
     """An MlflowClient whose calls fail with one RegistryError naming the backend when it does not answer (a server,
     its database or its artifact store down), after MLflow's bounded retries (MLFLOW_HTTP_BOUNDS), instead of a raw
@@ -1128,6 +1141,10 @@ def _looks_unreachable(e: BaseException) -> bool:
         if isinstance(e, (ConnectionError, TimeoutError)):
             return True
         text = str(e)
+        if any(c.__name__ == "OperationalError" for c in type(e).__mro__) and (
+            "connection" in text.lower() or "server" in text.lower()
+        ):  # sqlalchemy / psycopg2: the database server is gone (not SQLite's "database is locked")
+            return True
         if any(s in text for s in ("Max retries exceeded", "Connection refused", "Could not connect",
                                    "timed out", "ConnectTimeout", "EndpointConnectionError", "too many 500 error",
                                    "too many 503 error", "Connection reset", "could not connect to server",

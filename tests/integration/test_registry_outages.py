@@ -340,3 +340,31 @@ def test_ping_fails_when_the_servers_database_is_down_while_health_says_ok(tmp_p
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
+
+
+@pytest.mark.postgres
+def test_direct_postgres_gone_after_start_up_is_one_error_naming_it():
+    import psycopg2
+
+    from registry_fixtures import PG_ADMIN, fresh_postgres_db
+
+    with fresh_postgres_db("adapterops_gone") as db_uri:
+        db = db_uri.rsplit("/", 1)[1]
+        reg = AdapterRegistry(db_uri)
+        assert reg.families() == []
+        assert "connect_timeout=" in reg.client._client._tracking_client.tracking_uri
+        admin = psycopg2.connect(**PG_ADMIN)
+        admin.autocommit = True
+        try:
+            with admin.cursor() as cur:
+                cur.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS false')
+                cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (db,))
+            t0 = time.monotonic()
+            with pytest.raises(RegistryError) as e:
+                reg.ping()
+            assert time.monotonic() - t0 < BOUND_S
+            assert f"MLflow backend {db_uri} does not answer" in str(e.value)
+        finally:
+            with admin.cursor() as cur:
+                cur.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS true')
+            admin.close()
