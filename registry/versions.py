@@ -487,7 +487,7 @@ class AdapterRegistry:
                     aliases[alias] = str(version)
                 else:
                     aliases.pop(alias, None)
-            log.warning(
+            log.info(  # `pending()` tells callers; the CLI prints a note; a server would log this on every poll
                 "%s: an alias move is unfinished (%s v%s -> v%s by %s, intent %s): showing the state it leads to; "
                 "`adapterops registry recover %s` completes it", family, intent["op"], intent["from_version"] or "-",
                 intent["to_version"] or "-", intent["actor"], intent["id"][:8], family,

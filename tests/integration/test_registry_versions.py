@@ -315,6 +315,17 @@ def test_tampered_stored_artifact_is_refused(reg, backend, add, family, tmp_path
     assert [p.name for p in (dest_root / family / "1").iterdir()] == []  # no partial download left
 
 
+def test_verify_rehashes_every_stored_artifact(reg, backend, add, family):
+    """`registry verify`: fresh downloads of every recorded artifact, re-hashed; a flipped stored byte is MISMATCH."""
+    v1, _ = add(1), add(2)
+    assert {(r["version"], r["artifact"], r["status"]) for r in reg.verify(family)} == {
+        ("1", "adapter", "ok"), ("1", "gate_report", "ok"), ("2", "adapter", "ok"), ("2", "gate_report", "ok")}
+    backend.tamper(v1.source, "adapter/adapter_model.safetensors", b"evil weights")
+    rows = {(r["version"], r["artifact"]): r["status"] for r in reg.verify(family)}
+    assert rows[("1", "adapter")] == "MISMATCH" and rows[("2", "adapter")] == "ok"
+    assert [r["status"] for r in reg.verify(family, "2")] == ["ok", "ok"]
+
+
 def test_missing_stored_artifact_is_a_clear_error(reg, backend, add, family, tmp_path):
     import shutil
 
