@@ -109,8 +109,11 @@ def _init_cfg(args):
 
     if not (math.isfinite(args.alpha) and args.alpha > 0):
         raise CliError(f"--alpha is the LoRA scaling numerator and must be a positive number, got {args.alpha}")
-    cfg = InitConfig(method=args.method, rank=args.rank, alpha=args.alpha,
-                     target_modules=tuple(args.targets.split(",")) if args.targets else DEFAULT_TARGETS,
+    targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else DEFAULT_TARGETS
+    if not all(targets):
+        raise CliError(f"--targets {args.targets!r} holds an empty module name; pass comma-separated names such as "
+                       "q_proj,v_proj (or leave it out for every Llama linear)")
+    cfg = InitConfig(method=args.method, rank=args.rank, alpha=args.alpha, target_modules=targets,
                      svd_niter=args.svd_niter, device=args.init_device, base_quant=args.base_quant)
     if cfg.base_quant != "none":
         try:

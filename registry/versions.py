@@ -253,7 +253,12 @@ class AdapterRegistry:
             raise RegistryError(
                 "no MLflow tracking URI: pass tracking_uri or set MLFLOW_TRACKING_URI (e.g. sqlite:///work/mlflow.db)"
             )
-        scheme = urlparse(uri).scheme
+        try:
+            scheme = urlparse(uri).scheme
+            urlparse(uri).port  # noqa: B018 - raises on a malformed host or port
+        except ValueError as e:
+            raise RegistryError(f"tracking URI {uri!r} is not a valid URI ({e}); use sqlite:///path/mlflow.db, "
+                                "postgresql://... or an http(s):// tracking server") from None
         if scheme in ("", "file"):
             raise RegistryError(
                 f"tracking URI {uri!r} is a file store, which MLflow 3.17 no longer supports; "
@@ -319,6 +324,9 @@ class AdapterRegistry:
         """A read-only caller never creates a database; an existing file must be SQLite (not corrupt, not a dir)."""
         path = self._sqlite_path()
         if path is None:
+            if not self.create:
+                raise RegistryError(f"tracking URI {self.tracking_uri!r} names no database file (an in-memory "
+                                    "registry holds nothing); use sqlite:///path/mlflow.db")
             return
         if path.is_dir():
             raise RegistryError(f"registry path {path} is a directory, not an SQLite file; point the tracking URI at "
