@@ -182,6 +182,7 @@ def script_runs(tmp_path_factory):
     """Start every subprocess at once (they spend their time importing), then collect them."""
     cwd = tmp_path_factory.mktemp("cli")
     (cwd / "bad.yaml").write_text(BAD_DEMO_YAML)
+    (cwd / "utf16.jsonl").write_bytes('{"prompt": "a", "response": "b"}\n'.encode("utf-16"))
     env = {k: v for k, v in os.environ.items() if k not in ("ADAPTEROPS_DEBUG", "PREFECT_HOME")}
     env["HF_HUB_OFFLINE"] = "1"
     argvs = {
@@ -190,6 +191,9 @@ def script_runs(tmp_path_factory):
         "demo": ["demo", "--config", str(cwd / "bad.yaml"), "--workdir", str(cwd / "demo-wd")],
         "train": ["train", "--base", "/nonexistent/dir", "--train", "a", "--val", "b", "--out", "c",
                   "--store", str(cwd / "store"), "--scratch", str(cwd / "scratch")],
+        "train-utf16": ["train", "--train", str(cwd / "utf16.jsonl"), "--val", str(cwd / "utf16.jsonl"), "--out",
+                        str(cwd / "out"), "--store", str(cwd / "store"), "--scratch", str(cwd / "scratch")],
+        "registry-typo": ["registry", "--tracking-uri", f"sqlite:///{cwd}/typo/mlflow.db", "list"],
     }
     procs = {name: subprocess.Popen([str(ADAPTEROPS), *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True) for name, argv in argvs.items()}
@@ -242,3 +246,14 @@ def test_script_demo_bad_config_creates_nothing(script_runs):
 def test_script_train_missing_base(script_runs):
     err = _assert_one_paragraph_error(script_runs["train"])
     assert "/nonexistent/dir" in err
+
+
+def test_script_train_non_utf8_data_is_one_line_before_any_work(script_runs):
+    err = _assert_one_paragraph_error(script_runs["train-utf16"])
+    assert "utf16.jsonl is not UTF-8 text" in err
+    assert not (script_runs["cwd"] / "store").exists() and not (script_runs["cwd"] / "out").exists()
+
+
+def test_script_registry_typo_creates_no_database(script_runs):
+    err = _assert_one_paragraph_error(script_runs["registry-typo"])
+    assert "no registry at" in err and not (script_runs["cwd"] / "typo").exists()
