@@ -484,14 +484,19 @@ def _one_line(text: str) -> str:
 
 def _file_in_traceback(e: BaseException) -> str | None:
     """The file a decoder was reading when it failed: the innermost frame's `path` or open file's name."""
+    import io
+
     tb, found = e.__traceback__, None
     while tb is not None:
         local = tb.tb_frame.f_locals
-        for key in ("path", "f", "file", "filename", "fp"):
+        for key in ("path", "filename", "f", "file", "fp"):
             value = local.get(key)
-            name = getattr(value, "name", None) if not isinstance(value, (str, Path)) else value
-            if isinstance(name, (str, Path)) and str(name) and not str(name).isdigit():
-                found = str(name)
+            if isinstance(value, io.IOBase):  # an open file: its name
+                value = getattr(value, "name", None)
+            elif key in ("f", "file", "fp"):
+                continue  # not a file object (a loop variable, a dataclass field, ...)
+            if isinstance(value, (str, Path)) and str(value) and not str(value).isdigit():
+                found = str(value)
                 break
         tb = tb.tb_next
     return found
