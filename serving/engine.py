@@ -113,7 +113,8 @@ class StreamDelta:
     text: str
     """New text since the previous delta (may be empty)."""
     logprobs: list[TokenLogprob] | None = None
-    """The tokens this delta adds, when logprobs were asked for."""
+    """The tokens since the previous delta, when logprobs were asked for: tokens whose text was held back (part of a
+    possible stop string, an unfinished UTF-8 character) come with the delta that releases their text, or the last."""
     final: Generation | None = None
     """Set on the last delta only: the whole generation (stats, finish_reason, usage)."""
 
@@ -154,7 +155,9 @@ class Engine(Protocol):
         Generation, or the exception for that request alone (AdapterNotLoaded, ContextLengthExceeded, EngineError)."""
 
     def stream(self, request: GenerationRequest) -> Iterator[StreamDelta]:
-        """Yield text deltas as they are generated; the last delta carries `final`. Errors raise before the first."""
+        """Yield text deltas as they are generated; the last delta carries `final`. Errors for the request itself
+        (unknown adapter, context) raise by the first next() at the latest; closing the iterator early releases the
+        request's resources in the engine."""
 
     def prompt_logprobs(self, prompts: list[str], key: str | None) -> list[PromptLogprobs]:
         """Per prompt, the log-probabilities of its own tokens (train/serve parity against golden logits)."""
