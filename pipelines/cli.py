@@ -489,12 +489,14 @@ def _file_in_traceback(e: BaseException) -> str | None:
     tb, found = e.__traceback__, None
     while tb is not None:
         local = tb.tb_frame.f_locals
-        for key in ("path", "filename", "f", "file", "fp"):
+        for key in ("path", "filename", "file", "checkpoint_file", "resolved_archive_file", "f", "fp"):
             value = local.get(key)
             if isinstance(value, io.IOBase):  # an open file: its name
                 value = getattr(value, "name", None)
-            elif key in ("f", "file", "fp"):
+            elif key in ("f", "fp"):
                 continue  # not a file object (a loop variable, a dataclass field, ...)
+            elif isinstance(value, str) and os.sep not in value:
+                continue  # a bare word, not a path
             if isinstance(value, (str, Path)) and str(value) and not str(value).isdigit():
                 found = str(value)
                 break
