@@ -565,6 +565,9 @@ def describe_error(e: BaseException, command: str | None = None) -> tuple[str, i
 
     db_errors = tuple(c for c in (sqlite3.DatabaseError, _loaded("sqlalchemy.exc", "DatabaseError")) if c)
     if isinstance(e, db_errors):
+        if "locked" in str(e) or "busy" in str(e):
+            return (f"a database is busy ({_one_line(e).split(' [SQL:')[0][:200]}): another process holds it; "
+                    "retry when it has finished", 2)
         return (f"a database is unreadable ({_one_line(e).split(' [SQL:')[0][:200]}); if it is a file (mlflow.db, "
                 "predictions.db) it is corrupt or not SQLite: restore it from a backup or point the command at the "
                 "right file", 2)

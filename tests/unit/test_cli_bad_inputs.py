@@ -515,6 +515,8 @@ class _MyDataError(ValueError):
     (lambda: __import__("safetensors.torch", fromlist=["load"]).load(b"\x00" * 20), "is not readable safetensors",
      2),
     (lambda: __import__("sqlite3").connect(":memory:").execute("SELEC 1"), "a database is unreadable", 2),
+    (lambda: (_ for _ in ()).throw(__import__("sqlite3").OperationalError("database is locked")),
+     "a database is busy (database is locked): another process holds it; retry", 2),
     (lambda: open("/nonexistent/file.txt"), "No such file or directory: /nonexistent/file.txt; check the path", 2),
     (lambda: Path("/proc/version/x").mkdir(), "; a path that must be a directory", 2),
     (lambda: (_ for _ in ()).throw(_MyDataError("bad thing; do this")), "bad thing; do this", 2),
