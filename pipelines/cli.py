@@ -271,7 +271,7 @@ def cmd_registry(args) -> int:
     from dataclasses import asdict
 
     from registry import display
-    from registry.versions import AdapterRegistry
+    from registry.versions import AdapterRegistry, RegistryError
 
     if getattr(args, "wait", 0.0) < 0:
         raise CliError(f"--wait is in seconds and must be >= 0, got {args.wait}")
@@ -282,7 +282,11 @@ def cmd_registry(args) -> int:
         print(json.dumps(data, indent=2, default=str) if args.json else text)
 
     def note_pending(family: str) -> None:
-        intent = reg.pending(family)
+        try:
+            intent = reg.in_flight(family)[0]
+        except RegistryError as e:  # an unreadable intent record: readers go on, writers refuse
+            print(f"note: {e}", file=sys.stderr)
+            return
         if intent is not None and not args.json:
             print(f"note: an alias move of {family} is unfinished ({intent['op']} v{intent['from_version'] or '-'} "
                   f"-> v{intent['to_version'] or '-'} by {intent['actor']}): shown as it ends; "
@@ -311,7 +315,11 @@ def cmd_registry(args) -> int:
         emit(asdict(rec), text)
     elif args.action == "history":
         aliases, history = reg.aliases(args.family), reg.history(args.family)
-        intent, leases = reg.in_flight(args.family)
+        try:
+            intent, leases = reg.in_flight(args.family)
+        except RegistryError as e:
+            print(f"note: {e}", file=sys.stderr)
+            intent, leases = None, []
         emit(display.history_dict(args.family, aliases, history, intent, leases),
              display.render_history(args.family, aliases, history, intent, leases))
     elif args.action == "recover":

@@ -488,7 +488,11 @@ class AdapterRegistry:
         rm = self._model(family)
         tags = dict(rm.tags or {})
         aliases = {k: str(v) for k, v in (rm.aliases or {}).items()}
-        intent = self._intent(family, tags)
+        try:
+            intent = self._intent(family, tags)
+        except RegistryError as e:  # readers (servers following aliases) go on with the aliases as they are;
+            log.info("%s", e)  # every alias operation refuses with this message, and the CLI prints it as a note
+            intent = None
         if intent is not None:
             for action, alias, version in intent["moves"]:
                 if action == "set":
