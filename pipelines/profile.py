@@ -36,6 +36,9 @@ class Profile:
     serving_port: int = 8000
     artifact_root: str = ""
     """Where MLflow keeps run artifacts; "" = next to the SQLite database (<workdir>/mlartifacts)."""
+    state_db_url: str = ""
+    """Database every serving replica and worker shares (postgresql://...): canary state and the prediction log;
+    "" = files under the work dir (rollout-state.json, predictions.db: one replica)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.serving_port < 65536:
@@ -44,6 +47,10 @@ class Profile:
         if self.tracking_uri and scheme not in ("sqlite", "http", "https", "postgresql"):
             raise ValueError(f"tracking_uri {self.tracking_uri!r}: expected sqlite:///, http(s):// or postgresql:// "
                              f"(MLflow's file store is not supported)")
+        state_scheme = urlparse(self.state_db_url).scheme.split("+")[0]
+        if self.state_db_url and state_scheme not in ("postgresql", "sqlite"):
+            raise ValueError(f"state_db_url {self.state_db_url!r}: expected postgresql://user@host:5432/db (or "
+                             f"sqlite:///path for one host)")
         if self.prefect_api_url and not (self.prefect_api_url.startswith(("http://", "https://"))
                                          and self.prefect_api_url.rstrip("/").endswith("/api")):
             raise ValueError(f"prefect_api_url {self.prefect_api_url!r} must be an http(s) URL ending in /api, "

@@ -5,8 +5,9 @@ Run:  adapterops serve --workdir work/demo --host 127.0.0.1 --port 8000   (ADAPT
 A canary that passes promotes the challenger through the registry (champion -> previous, challenger -> champion);
 one that fails clears the challenger alias, with the analysis as the reason in the audit trail. With a fallback
 config (configs/fallback.yaml, `enabled: true`), POST /admin/drift verdicts route a family with severe drift to its
-fallback until a new champion arrives. Rollout and fallback state live in the work dir, so a restarted server
-resumes both (load_champions loads every version they route to).
+fallback until a new champion arrives. Rollout and fallback state live in the work dir (the rollout state and the
+prediction log in the profile's `state_db_url` when it names one: every replica sees one canary, one log), so a
+restarted server resumes both (load_champions loads every version they route to).
 """
 
 from __future__ import annotations
@@ -101,22 +102,23 @@ def build_state(ws: Workspace, rollout_cfg, api_key: str | None, fallback_cfg=No
     """fallback_cfg: serving.fallback.FallbackConfig; None or `enabled: false` leaves drift verdicts unanswered.
     auto_canary_poll_s: start the canary of each new registry challenger (e.g. from a scheduled retrain).
     engine: a serving.engine.Engine, or an EngineSpec (default: the built-in engine on the CPU)."""
-    from monitoring.store import PredictionLog
+    from monitoring.sql_log import open_prediction_log
     from serving.control import ServerState
     from serving.fallback import FallbackPolicy
-    from serving.rollout import RolloutController
+    from serving.rollout_shared import open_rollout_controller
     from serving.router import Router
 
     reg = ws.registry()
     on_promote, on_rollback = registry_callbacks(reg)
-    controller = RolloutController(ws.root / "rollout-state.json", rollout_cfg, on_promote, on_rollback)
+    # ws.state_db_url (the profile's state_db_url): canary state and prediction log shared by every replica
+    controller = open_rollout_controller(ws.rollout_state_target, rollout_cfg, on_promote, on_rollback)
     policy = None
     if fallback_cfg is not None and fallback_cfg.enabled:
         policy = FallbackPolicy(fallback_cfg, ws.root / "fallback-state.json")
     if engine is None or isinstance(engine, EngineSpec):
         engine = make_engine(engine or EngineSpec(), ws.base_path)
     return ServerState(engine=engine, router=Router(), rollout=controller,
-                       log=PredictionLog(ws.root / "predictions.db"), api_key=api_key, registry=reg,
+                       log=open_prediction_log(ws.prediction_log_target), api_key=api_key, registry=reg,
                        adapter_cache=ws.root / "serving-cache", require_parity=True, fallback=policy,
                        auto_canary_poll_s=auto_canary_poll_s)
 
@@ -167,4 +169,7 @@ def serve(ws: Workspace, host: str, port: int, api_key: str | None, rollout_cfg=
                     "admin endpoints enabled" if state.api_key else "admin endpoints disabled: set ADAPTEROPS_API_KEY")
         uvicorn.run(create_app(state), host=host, port=port, log_level="warning")
     finally:
+        close = getattr(state.rollout, "close", None)  # the shared controller gives its driver lease up
+        if close is not None:
+            close()
         state.engine.close()

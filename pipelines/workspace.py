@@ -23,11 +23,14 @@ class Workspace:
     init_store_uri: str = ""
     """Init-cache store: a directory or s3://bucket/prefix; empty = <root>/init-cache."""
     s3_endpoint_url: str = ""
+    state_db_url: str = ""
+    """Database shared by serving replicas and workers (canary state, prediction log); empty =
+    ADAPTEROPS_STATE_DB_URL, else files under root (one replica)."""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod
     def create(cls, root: Path, base_path: Path, tracking_uri: str = "", init_store_uri: str = "",
-               s3_endpoint_url: str = "") -> "Workspace":
+               s3_endpoint_url: str = "", state_db_url: str = "") -> "Workspace":
         root = Path(root).resolve()
         base_path = Path(base_path).resolve()
         if not (base_path / "config.json").is_file():
@@ -35,7 +38,8 @@ class Workspace:
                                     f"directory of a saved causal LM, e.g. models/tiny-llama")
         root.mkdir(parents=True, exist_ok=True)
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
-        return cls(root, base_path, uri, init_store_uri or str(root / "init-cache"), s3_endpoint_url)
+        return cls(root, base_path, uri, init_store_uri or str(root / "init-cache"), s3_endpoint_url,
+                   state_db_url or os.environ.get("ADAPTEROPS_STATE_DB_URL", ""))
 
     @classmethod
     def coerce(cls, value: "Workspace | dict") -> "Workspace":
@@ -44,7 +48,8 @@ class Workspace:
             return value
         if isinstance(value, dict):
             return cls.create(Path(value["root"]), Path(value["base_path"]), value.get("tracking_uri", ""),
-                              value.get("init_store_uri", ""), value.get("s3_endpoint_url", ""))
+                              value.get("init_store_uri", ""), value.get("s3_endpoint_url", ""),
+                              value.get("state_db_url", ""))
         raise TypeError(f"expected a Workspace or its dict, got {type(value).__name__}")
 
     def _shared(self, kind: str, make):
@@ -52,6 +57,16 @@ class Workspace:
         if k not in _SHARED:
             _SHARED[k] = make()
         return _SHARED[k]
+
+    @property
+    def prediction_log_target(self) -> str:
+        """What monitoring.sql_log.open_prediction_log opens: the shared database, else <root>/predictions.db."""
+        return self.state_db_url or str(self.root / "predictions.db")
+
+    @property
+    def rollout_state_target(self) -> str:
+        """What serving.rollout_shared.open_rollout_controller opens: the shared database, else the JSON file."""
+        return self.state_db_url or str(self.root / "rollout-state.json")
 
     def registry(self):
         from registry.versions import AdapterRegistry

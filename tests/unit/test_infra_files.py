@@ -23,7 +23,7 @@ from pipelines.profile import expand_env as expand  # noqa: E402
 from pipelines.profile import load_profile  # noqa: E402
 
 FIELDS = {"tracking_uri", "init_store_uri", "s3_endpoint_url", "prefect_api_url", "serving_host", "serving_port",
-          "artifact_root"}
+          "artifact_root", "state_db_url"}
 SERVICES = {"postgres", "minio", "minio-init", "mlflow", "prefect-server", "prefect-worker", "serving"}
 
 

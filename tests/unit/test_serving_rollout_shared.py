@@ -165,3 +165,24 @@ def test_the_background_poller_follows_another_replica(url):
     finally:
         a.ctl.close()
         b.close()
+
+
+def test_the_profile_and_workspace_name_the_shared_database(tmp_path):
+    from pipelines.config import ConfigError
+    from pipelines.profile import load_profile
+    from pipelines.workspace import Workspace
+
+    assert load_profile("local", {}).state_db_url == "" and load_profile("production", {}).state_db_url == ""
+    db = "postgresql://adapterops@postgres:5432/adapterops"
+    assert load_profile("production", {"ADAPTEROPS_STATE_DB_URL": db}).state_db_url == db
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("state_db_url: mysql://x/y\n")
+    with pytest.raises((ConfigError, ValueError), match="state_db_url"):
+        load_profile(bad, {})
+    base = __import__("pathlib").Path(__file__).resolve().parents[2] / "models" / "tiny-llama"
+    local = Workspace.create(tmp_path / "ws", base, tracking_uri="sqlite:///x.db")
+    assert local.rollout_state_target == str(local.root / "rollout-state.json")
+    assert local.prediction_log_target == str(local.root / "predictions.db")
+    shared = Workspace.coerce({"root": str(tmp_path / "ws"), "base_path": str(base), "tracking_uri": "sqlite:///x.db",
+                               "state_db_url": db})
+    assert shared.rollout_state_target == shared.prediction_log_target == db
