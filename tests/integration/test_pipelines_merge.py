@@ -187,9 +187,12 @@ def test_nan_in_base_weights_is_refused(trained, tiny_data, tmp_path):
     weights = load_file(str(base / "model.safetensors"))
     weights["model.layers.2.mlp.up_proj.weight"][3, 5] = float("nan")
     save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
-    adapter = tmp_path / "adapter"  # without its training manifest: the base-hash check cannot refuse it first
+    adapter = tmp_path / "adapter"  # without its training manifest and binding: no base-hash check refuses it first
     shutil.copytree(trained("lora") / "adapter", adapter)
     out = tmp_path / "merged"
+    with pytest.raises(ValueError, match=r"it was trained on base sha256:.*\(its adapterops.json\)"):
+        merge_quantize.run(_merge_config("none"), base, adapter, tiny_data.val, out, log=_quiet)
+    (adapter / "adapterops.json").unlink()
     with pytest.raises(ValueError, match=r"base .*base has non-finite values in .*up_proj"):
         merge_quantize.run(_merge_config("none"), base, adapter, tiny_data.val, out, log=_quiet)
     _no_output_left(out)
