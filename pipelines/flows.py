@@ -418,7 +418,7 @@ def demo(cfg, ws: Workspace, summary_json: Path, engine=None) -> dict:
             with clock.stage("monitor"):
                 rows, last_id = window_rows(state.log, fam, last_id)
                 report = ws.root / "reports" / f"drift-{phase}.html"
-                result = check_window(ref_dir, rows, cfg.drift, encoder, report)
+                result = check_window(ref_dir, rows, cfg.drift, encoder, report, log=state.log)
                 reg.client.log_artifact(v1["run_id"], str(report), "monitoring_reports")
             drift_checks[phase] = result
             alerts += alert_records(phase, result)
