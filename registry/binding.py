@@ -78,9 +78,10 @@ def check_binding(adapter_dir: Path, base_sha256: str, what: str = "use") -> dic
             "directory, exported against the plain base"
         )
     if _norm(binding["base_sha256"]) != _norm(base_sha256):
+        remedy = {"merge": "merge it into the base it was trained on"}.get(what, "use the base it was trained on")
         raise BindingMismatch(
             f"cannot {what} {adapter_dir}: it was trained on base sha256:{_norm(binding['base_sha256'])[:12]} (its "
-            f"{BINDING_FILE}), but this base is sha256:{_norm(base_sha256)[:12]}; use the base it was trained on, or "
-            "retrain the adapter on this one"
+            f"{BINDING_FILE}), but this base is sha256:{_norm(base_sha256)[:12]}; {remedy}, or retrain the adapter "
+            "on this one"
         )
     return binding

@@ -330,7 +330,7 @@ def test_copied_adapter_onto_a_perturbed_base_is_refused(trained, tiny_data, tmp
     from pipelines import merge_quantize
 
     with pytest.raises(ValueError, match=r"it was trained on base sha256:[0-9a-f]{12} \(its adapterops.json\), but "
-                                         r"this base is sha256:[0-9a-f]{12}; use the base it was trained on"):
+                                         r"this base is sha256:[0-9a-f]{12}; merge it into the base it was trained on"):
         merge_quantize.run(_merge_config("none"), base, copied, tiny_data.val, out, log=_quiet)
     _no_output_left(out)
 
