@@ -141,10 +141,6 @@ def _tree(root: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-def T(f, *names):  # noqa: N802 - a short name keeps the table readable
-    return [str(f[n]) if n in f else n for n in names]
-
-
 # (id, argv builder, exit code, substrings of the one line)
 CASES = [
     # -- train: every input is checked before the init cache (SVD) --------------------------------------------------
