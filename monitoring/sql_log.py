@@ -111,10 +111,12 @@ class SQLPredictionLog:
     """Prediction log in a database table, with a non-blocking `log` and a single background writer thread."""
 
     def __init__(self, url: str, max_queue: int = 10_000, connect_timeout_s: float = 5.0,
-                 statement_timeout_s: float = 30.0):
+                 statement_timeout_s: float = 30.0, feedback_wait_s: float = 2.0):
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
             raise ValueError(f"max_queue must be a positive integer, got {max_queue!r}")
         self.url = str(url)
+        self.feedback_wait_s = feedback_wait_s
+        """How long add_feedback waits for a request id that no replica has written yet, before it says False."""
         self.path = describe(self.url)  # what errors and thread names show (PredictionLog has a file path here)
         self._engine = make_db_engine(self.url, connect_timeout_s, statement_timeout_s)
         self._md, self._table = _metadata()
@@ -242,7 +244,8 @@ class SQLPredictionLog:
                 f"{str(e.orig or e).strip()[:300]}") from None
 
     def add_feedback(self, request_id: str, score: float) -> bool:
-        """Attach a feedback score in [0, 1] to a logged request (logged by any replica). False if no such id."""
+        """Attach a feedback score in [0, 1] to a logged request (logged by any replica). False if no row has that id
+        within `feedback_wait_s` (a bogus id costs that long)."""
         try:
             score = float(score)
         except (TypeError, ValueError):
@@ -254,7 +257,13 @@ class SQLPredictionLog:
         t = self._table
         stmt = (t.update().where(t.c.request_id == _db_text(safe_text(str(request_id))))
                 .values(feedback=score, feedback_ts=time.time()))
-        return self._run("add_feedback", lambda conn: conn.execute(stmt).rowcount > 0)
+        deadline = time.monotonic() + self.feedback_wait_s
+        while True:  # another replica may have served it and not written it yet: its writer commits within ms
+            if self._run("add_feedback", lambda conn: conn.execute(stmt).rowcount > 0):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
 
     def set_embeddings(self, ids, embeddings: np.ndarray) -> int:
         """Store prompt embeddings [N, D] for logged rows (by row "id"); returns how many rows were updated."""

@@ -119,7 +119,8 @@ class SharedRolloutController(RolloutController):
 
     def __init__(self, url: str, config: RolloutConfig, on_promote: Callable[[str, str], None],
                  on_rollback: Callable[[str, str, str], None], replica_id: str | None = None,
-                 lease_ttl_s: float = 15.0, poll_interval_s: float | None = 1.0, connect_timeout_s: float = 5.0):
+                 lease_ttl_s: float = 15.0, poll_interval_s: float | None = 1.0, connect_timeout_s: float = 5.0,
+                 feedback_wait_s: float = 0.5):
         if lease_ttl_s <= 0 or (poll_interval_s is not None and not 0 < poll_interval_s < lease_ttl_s):
             raise ValueError(f"need 0 < poll_interval_s < lease_ttl_s, got poll_interval_s={poll_interval_s}, "
                              f"lease_ttl_s={lease_ttl_s}")
@@ -127,6 +128,8 @@ class SharedRolloutController(RolloutController):
         self.replica_id = replica_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.lease_ttl_s = float(lease_ttl_s)
         self.poll_interval_s = poll_interval_s
+        self.feedback_wait_s = feedback_wait_s
+        """How long record_feedback waits for a request id no replica has written yet (another replica's writer)."""
         self._db = make_db_engine(self.url, connect_timeout_s)
         self._md, self._t = _tables()
         self._revs: dict[str, int] = {}  # family -> revision of the row this replica last read
@@ -264,20 +267,29 @@ class SharedRolloutController(RolloutController):
             self._sample_failures += 1
 
     def record_feedback(self, request_id: str, score: float) -> bool:
-        """Feedback for a request any replica recorded in an active rollout; False if no active rollout has it."""
+        """Feedback for a request any replica recorded in an active rollout; False if no active rollout has it
+        within `feedback_wait_s` (no wait while no rollout is active)."""
+        if not any(view[1] in ACTIVE for view in self._view.values()):
+            return False
         self.flush()
         t = self._t
         request_id = str(request_id)
+        find = (sa.select(t["samples"].c.rollout_id)
+                .join(t["rollouts"], t["rollouts"].c.rollout_id == t["samples"].c.rollout_id)
+                .where(t["samples"].c.request_id == request_id, t["samples"].c.client_error.is_(False),
+                       t["rollouts"].c.status.in_(ACTIVE))
+                .order_by(t["samples"].c.id.desc()).limit(1))
+        deadline = time.monotonic() + self.feedback_wait_s
         try:
+            while True:  # the replica that served it may not have written its sample yet: its writer lags by ms
+                with self._db.connect() as conn:
+                    hit = conn.execute(find).first()
+                if hit is not None or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.1)
+            if hit is None:
+                return False
             with self._db.begin() as conn:
-                hit = conn.execute(
-                    sa.select(t["samples"].c.rollout_id).join(
-                        t["rollouts"], t["rollouts"].c.rollout_id == t["samples"].c.rollout_id)
-                    .where(t["samples"].c.request_id == request_id, t["samples"].c.client_error.is_(False),
-                           t["rollouts"].c.status.in_(ACTIVE))
-                    .order_by(t["samples"].c.id.desc()).limit(1)).first()
-                if hit is None:
-                    return False
                 conn.execute(t["feedback"].insert().values(rollout_id=hit[0], request_id=request_id,
                                                            score=float(score), ts=time.time()))
                 return True

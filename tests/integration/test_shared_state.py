@@ -1,0 +1,227 @@
+"""Two serving replicas sharing one PostgreSQL database (issue 15 item 1): one prediction log, one canary.
+
+Each replica is a real server (uvicorn on 127.0.0.1) over its own built-in engine on the tiny base, with a
+SharedRolloutController and a SQLPredictionLog on the same fresh database (dropped afterwards). Traffic on both is one
+log for the monitor; a canary started on one is the canary of both and routes both by the same weights; feedback
+sent to one replica for a request the other served counts; an abort on one ends it on the other; when the replica
+that drives the steps dies, the other takes the lease over and finishes the canary. Skips when PostgreSQL does not
+answer on 127.0.0.1:5432.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import psycopg2
+import pytest
+
+from monitoring.sql_log import SQLPredictionLog, open_prediction_log
+from registry_fixtures import PG_ADMIN, fresh_postgres_db
+from serving.app import ServerState, create_app
+from serving.builtin import BuiltinEngine
+from serving.rollout import ABORTED, PROMOTED, RolloutConfig
+from serving.rollout_shared import SharedRolloutController
+from serving.router import Router, sticky_position
+
+from test_serving_fixtures import BASE, PROMPTS, make_adapter, running
+
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+
+KEY = "shared-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+FAM = "support"
+CFG = RolloutConfig(steps=(0.5, 1.0), requests_per_step=16, min_samples=4, max_error_rate=None)
+TIMEOUT = httpx.Timeout(60.0)
+
+
+@pytest.fixture(scope="module")
+def db_url():
+    with fresh_postgres_db("adapterops_shared") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shared-adapters")
+    return {"1": make_adapter(root / "v1", seed=71), "2": make_adapter(root / "v2", seed=72, std=0.05)}
+
+
+@dataclass
+class Replica:
+    name: str
+    ctl: SharedRolloutController
+    state: ServerState
+    stack: contextlib.ExitStack
+    url: str = ""
+    promoted: list = field(default_factory=list)
+    client: httpx.Client | None = None
+
+    def complete(self, user: str) -> dict:
+        r = self.client.post("/v1/completions", json={"model": FAM, "prompt": PROMPTS[0], "max_tokens": 2,
+                                                      "user": user})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def rollout(self) -> dict:
+        r = self.client.get("/admin/rollout/status", params={"family": FAM}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def kill(self, release_lease: bool = False) -> None:
+        """Stop the server and the controller; without release the lease is left to expire, as on a crash."""
+        self.stack.close()
+        self.ctl.close(release_lease=release_lease)
+        self.state.log.close()
+        self.state.engine.close()
+
+
+def start_replica(name: str, db_url: str, adapters: dict) -> Replica:
+    promoted: list = []
+    ctl = SharedRolloutController(db_url, CFG, lambda f, v: promoted.append((f, v)), lambda f, v, r: None,
+                                  replica_id=name, lease_ttl_s=2.0, poll_interval_s=0.2)
+    state = ServerState(engine=BuiltinEngine(BASE, max_loras=2), router=Router(seed=0), rollout=ctl,
+                        log=open_prediction_log(db_url), api_key=KEY, registry_poll_s=None)
+    stack = contextlib.ExitStack()
+    rep = Replica(name, ctl, state, stack, promoted=promoted)
+    rep.url = stack.enter_context(running(create_app(state)))
+    rep.client = stack.enter_context(httpx.Client(base_url=rep.url, timeout=TIMEOUT))
+    for version, path in adapters.items():  # every replica loads what the canary may route to
+        r = rep.client.post("/admin/adapters/load", json={"family": FAM, "version": version, "path": str(path)},
+                            headers=AUTH)
+        assert r.status_code == 200, r.text
+    return rep
+
+
+def wait_for(what: str, pred, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def expected_version(user: str, weight: float, champion: str = "1", challenger: str = "2") -> str:
+    return challenger if sticky_position(FAM, user) < weight else champion
+
+
+def test_two_replicas_one_log_one_canary(db_url, adapters):
+    a = start_replica("replica-a", db_url, adapters)
+    b = start_replica("replica-b", db_url, adapters)
+    monitor = SQLPredictionLog(db_url)
+    try:
+        # -- traffic on both is one log
+        ids = {a.complete(f"log-{i}")["id"] for i in range(4)} | {b.complete(f"log-{i}")["id"] for i in range(4)}
+        a.state.log.flush()
+        b.state.log.flush()
+        rows = monitor.query(family=FAM, version="1")
+        assert {r["request_id"] for r in rows} == ids and monitor.count(family=FAM) == 8
+
+        # -- a canary started on A is B's canary; a start on B for the same challenger joins it
+        r = a.client.post("/admin/rollout/start", json={"family": FAM, "challenger": "2"}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        first = r.json()["rollout"]["id"]
+        r = b.client.post("/admin/rollout/start", json={"family": FAM, "challenger": "2"}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["rollout"]["id"] == first, r.text
+        assert b.ctl.weight(FAM) == ("1", "2", 0.5)
+        users = [f"user-{i}" for i in range(12)]
+        for rep in (a, b):  # both route every user by the shared weight (sticky: the same version either side)
+            served = {u: rep.complete(u)["adapterops"]["version"] for u in users}
+            assert served == {u: expected_version(u, 0.5) for u in users}, rep.name
+
+        # -- feedback sent to B for a request A served counts in the one canary (and in the one log)
+        on_a = next(u for u in users if expected_version(u, 0.5) == "2")
+        rid = a.complete(on_a)["id"]
+        r = b.client.post("/v1/feedback", json={"id": rid, "score": 0.9})
+        assert r.status_code == 200 and r.json()["recorded"] == {"log": True, "rollout": True}, r.text
+        wait_for("the feedback in A's view", lambda: a.rollout()["counts"]["challenger"]["feedback"] == 1)
+        assert [row["feedback"] for row in monitor.query(family=FAM) if row["request_id"] == rid] == [0.9]
+
+        # -- an abort on B ends it on A: A's router sends everyone to the champion
+        r = b.client.post("/admin/rollout/abort", json={"family": FAM, "reason": "operator test"}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        wait_for("A to see the abort", lambda: a.rollout()["status"] == ABORTED)
+        wait_for("A's router to drop the challenger", lambda: a.state.router.get(FAM).challenger is None)
+        assert {a.complete(u)["adapterops"]["version"] for u in users} == {"1"}
+
+        # -- a second canary, started on B; the driver dies mid-step; the other takes over and finishes it
+        r = b.client.post("/admin/rollout/start", json={"family": FAM, "challenger": "2"}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["rollout"]["id"] != first, r.text
+        wait_for("A to follow the new canary", lambda: a.state.router.get(FAM).weight == 0.5)
+        driver, other = wait_for("a driver", lambda: (a, b) if a.ctl.is_driver else (b, a) if b.ctl.is_driver
+                                 else None)
+        for i in range(6):
+            driver.complete(f"pre-{i}")
+            other.complete(f"pre-{i}")
+        driver.kill(release_lease=False)
+        t_kill = time.monotonic()
+        wait_for("the survivor to take the lease", lambda: other.ctl.is_driver, timeout=10.0)
+        took_over_s = time.monotonic() - t_kill
+        assert took_over_s >= 1.0  # not before the dead holder's lease expired (ttl 2 s, polled every 0.2 s)
+        i = 0
+
+        def finished():
+            nonlocal i
+            for _ in range(4):
+                other.complete(f"post-{i}")
+                i += 1
+            return other.rollout()["status"] == PROMOTED
+
+        wait_for("the survivor to finish the canary", finished, timeout=60.0)
+        ro = other.rollout()
+        assert [h["decision"] for h in ro["history"]][-1] == "promote" and ro["counts"]["champion"]["requests"] >= 4
+        assert other.promoted == [(FAM, "2")] and driver.promoted == []
+        assert other.state.router.get(FAM).champion == "2"
+        monitor.flush()
+        assert monitor.count(family=FAM) >= 8 + 24 + 1 + 12 + 12
+    finally:
+        monitor.close()
+        for rep in (a, b):
+            if not rep.ctl._closed:
+                rep.kill(release_lease=True)
+
+
+def test_a_database_that_goes_away_is_counted_not_fatal(db_url):
+    """The log's writer and the canary's sample writer count what they lose while PostgreSQL refuses connections,
+    and carry on when it is back; nothing waits longer than the bounded connect timeout."""
+    dbname = db_url.rsplit("/", 1)[1]
+    log = SQLPredictionLog(db_url, connect_timeout_s=2)
+    ctl = SharedRolloutController(db_url, CFG, lambda f, v: None, lambda f, v, r: None, replica_id="blip",
+                                  poll_interval_s=None)
+    admin = psycopg2.connect(**PG_ADMIN)
+    admin.autocommit = True
+    try:
+        ctl.start("blip", "1", "2")
+        with admin.cursor() as cur:
+            cur.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS false')
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> "
+                        "pg_backend_pid()", (dbname,))
+        t0 = time.monotonic()
+        for i in range(5):
+            log.log({"request_id": f"x{i}", "family": "blip", "version": "1", "prompt": "p"})
+            ctl.record("blip", "2", f"x{i}", 10.0, False, None)
+        log.flush(timeout=30)
+        ctl.flush(timeout=30)
+        assert log.failures == 5 and log.writer_alive and ctl.failures == 5
+        assert time.monotonic() - t0 < 25
+        with pytest.raises(Exception, match=dbname):
+            log.count()
+        with admin.cursor() as cur:
+            cur.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS true')
+        log.log({"request_id": "back", "family": "blip", "version": "1", "prompt": "p"})
+        ctl.record("blip", "2", "back", 10.0, False, None)
+        log.flush()
+        ctl.flush()
+        ctl.poll()
+        assert log.count(family="blip") == 1 and ctl.status("blip")["counts"]["challenger"]["requests"] == 1
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS true')
+        admin.close()
+        log.close()
+        ctl.close()
