@@ -25,6 +25,7 @@ Clocks: the lease expiry compares replica clocks, which must agree to well withi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -47,6 +48,10 @@ _STOP = object()
 _ERROR_LOG_EVERY_S = 10.0
 _MAX_FINISHED = 20
 LEASE = "rollout-driver"
+
+
+class RolloutStateUnavailable(RuntimeError):
+    """The shared rollout state's database cannot be reached; the message names it."""
 
 
 class StaleRollout(RuntimeError):
@@ -214,6 +219,10 @@ class SharedRolloutController(RolloutController):
     def start(self, family: str, champion: str, challenger: str, offline_nll: float | None = None,
               config: RolloutConfig | None = None, baseline: str | None = None) -> dict:
         """Start the family's canary; if one runs already for this challenger (started by any replica), return it."""
+        with self._unavailable_as_error("start"):
+            return self._start(family, champion, challenger, offline_nll, config, baseline)
+
+    def _start(self, family, champion, challenger, offline_nll, config, baseline) -> dict:
         for _ in range(5):
             with self._lock:
                 self._refresh()
@@ -234,6 +243,10 @@ class SharedRolloutController(RolloutController):
         raise RolloutError(f"family {family}: the rollout kept changing under this replica; try again")
 
     def abort(self, family: str, reason: str) -> dict:
+        with self._unavailable_as_error("abort"):
+            return self._abort(family, reason)
+
+    def _abort(self, family: str, reason: str) -> dict:
         for _ in range(5):
             with self._lock:
                 self._refresh()
@@ -334,6 +347,17 @@ class SharedRolloutController(RolloutController):
                 self._log_db_error("lease release", e)
         self._is_driver = False
         self._db.dispose()
+
+    @contextlib.contextmanager
+    def _unavailable_as_error(self, what: str):
+        try:
+            yield
+        except _DB_DOWN as e:
+            orig = getattr(e, "orig", None) or e
+            raise RolloutStateUnavailable(
+                f"rollout {what} failed: the rollout state database {describe(self.url)} is unreachable "
+                f"({type(orig).__name__}: {str(orig).strip()[:300]}); nothing was changed, try again when it is "
+                f"back") from None
 
     # ------------------------------------------------------------------ lease
 
@@ -537,4 +561,4 @@ class SharedRolloutController(RolloutController):
                       describe(self.url), what, type(e).__name__, str(e).strip()[:300], self.replica_id)
 
 
-__all__ = ["SharedRolloutController", "StaleRollout", "open_rollout_controller"]
+__all__ = ["RolloutStateUnavailable", "SharedRolloutController", "StaleRollout", "open_rollout_controller"]

@@ -23,7 +23,7 @@ from registry_fixtures import PG_ADMIN, fresh_postgres_db
 from serving.app import ServerState, create_app
 from serving.builtin import BuiltinEngine
 from serving.rollout import ABORTED, PROMOTED, RolloutConfig
-from serving.rollout_shared import SharedRolloutController
+from serving.rollout_shared import RolloutStateUnavailable, SharedRolloutController
 from serving.router import Router, sticky_position
 
 from test_serving_fixtures import BASE, PROMPTS, make_adapter, running
@@ -211,6 +211,8 @@ def test_a_database_that_goes_away_is_counted_not_fatal(db_url):
         assert time.monotonic() - t0 < 25
         with pytest.raises(Exception, match=dbname):
             log.count()
+        with pytest.raises(RolloutStateUnavailable, match=f"abort failed: the rollout state database .*{dbname}"):
+            ctl.abort("blip", "while the database is away")
         with admin.cursor() as cur:
             cur.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS true')
         log.log({"request_id": "back", "family": "blip", "version": "1", "prompt": "p"})
