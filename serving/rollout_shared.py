@@ -154,7 +154,7 @@ class SharedRolloutController(RolloutController):
             pass  # another replica created them between the check and the CREATE
         except sa.exc.SQLAlchemyError as e:
             self._db.dispose()
-            raise RuntimeError(f"rollout state database {describe(self.url)} is unreachable: "
+            raise RolloutStateUnavailable(f"rollout state database {describe(self.url)} is unreachable: "
                                f"{type(getattr(e, 'orig', None) or e).__name__}: {str(getattr(e, 'orig', None) or e).strip()}; "
                                f"check that the server is up and the URL is right") from None
         super().__init__(Path("rollout-state"), config, on_promote, on_rollback)  # _load() reads the tables
@@ -459,6 +459,9 @@ class SharedRolloutController(RolloutController):
             rollouts[family] = {**doc, **json.loads(json.dumps(b))}
             self._revs[family] = rev
             self._docs[family] = json.dumps(doc, sort_keys=True)
+        current = {doc["id"] for _, doc in docs.values()}
+        self._ended_cache = {rid: b for rid, b in self._ended_cache.items() if rid in current}
+        self._marks = {rid: m for rid, m in self._marks.items() if rid in current}
         finished = [json.loads(d) for d in reversed(finished)]
         self._finished_ids = {d["id"] for d in finished}
         self._state = {"format": 1, "rollouts": rollouts, "finished": finished, "request_arms": {}}
@@ -477,6 +480,8 @@ class SharedRolloutController(RolloutController):
                             conn.execute(t["finished"].insert().values(rollout_id=ro["id"], doc=json.dumps(ro)))
                     except sa.exc.IntegrityError:
                         pass  # archived by another replica already
+                    for name in ("samples", "feedback"):  # an archived rollout keeps its summary, not its samples
+                        conn.execute(t[name].delete().where(t[name].c.rollout_id == ro["id"]))
             written = []
             for family, ro in self._state["rollouts"].items():
                 doc = {k: v for k, v in ro.items() if k not in _LOCAL}

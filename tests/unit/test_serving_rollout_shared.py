@@ -118,8 +118,12 @@ def test_an_abort_on_one_replica_ends_the_canary_everywhere(replicas):
     assert a.ctl.status("fam")["status"] == ABORTED and a.promoted == []
     with pytest.raises(RolloutError):
         a.ctl.abort("fam", "twice")
+    first = a.ctl.status("fam")["id"]
     again = a.ctl.start("fam", "1", "2")  # a new canary after the old one ended
     assert again["status"] == RUNNING and [f["status"] for f in b.ctl.status()["finished"]] == [ABORTED]
+    with a.ctl._db.connect() as conn:  # the archived rollout keeps its summary, not its samples
+        assert conn.exec_driver_sql("SELECT COUNT(*) FROM rollout_samples WHERE rollout_id = ?",
+                                    (first,)).scalar_one() == 0
 
 
 def test_the_lease_moves_to_a_live_replica_when_the_driver_dies(url):
