@@ -227,3 +227,22 @@ def test_a_database_that_goes_away_is_counted_not_fatal(db_url):
         admin.close()
         log.close()
         ctl.close()
+
+
+def test_build_state_opens_the_shared_state_the_workspace_names(db_url, tmp_path):
+    from monitoring.store import PredictionLog
+    from pipelines.serve import build_state
+    from pipelines.workspace import Workspace
+    from serving.rollout import RolloutController
+
+    for url, log_type in ((db_url, SQLPredictionLog), ("", PredictionLog)):
+        ws = Workspace.create(tmp_path / f"ws{bool(url)}", BASE, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                              state_db_url=url)
+        state = build_state(ws, CFG, KEY, engine=object())  # no model needed to check the wiring
+        try:
+            assert type(state.log) is log_type
+            assert isinstance(state.rollout, SharedRolloutController) == bool(url)
+            assert isinstance(state.rollout, RolloutController)
+        finally:
+            state.log.close()
+            getattr(state.rollout, "close", lambda: None)()
