@@ -246,3 +246,35 @@ def test_build_state_opens_the_shared_state_the_workspace_names(db_url, tmp_path
         finally:
             state.log.close()
             getattr(state.rollout, "close", lambda: None)()
+
+
+def test_replicas_racing_to_start_get_one_canary(db_url):
+    """Four replicas start the same challenger at once: one rollout, the others join it; another challenger is
+    refused while it runs."""
+    import threading
+
+    from serving.rollout import RolloutError
+
+    ctls = [SharedRolloutController(db_url, CFG, lambda f, v: None, lambda f, v, r: None, replica_id=f"race-{i}",
+                                    poll_interval_s=None) for i in range(4)]
+    got, barrier = [], threading.Barrier(len(ctls))
+
+    def go(ctl):
+        barrier.wait()
+        got.append(ctl.start("race", "1", "2")["id"])
+
+    try:
+        threads = [threading.Thread(target=go, args=(c,)) for c in ctls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(got) == 4 and len(set(got)) == 1
+        with pytest.raises(RolloutError, match="in progress"):
+            ctls[3].start("race", "1", "3")
+        for c in ctls:
+            c.poll()
+        assert sum(c.is_driver for c in ctls) == 1
+    finally:
+        for c in ctls:
+            c.close()
