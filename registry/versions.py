@@ -19,8 +19,12 @@ A caller waits up to `lease_wait_seconds` for a live holder, then gets RegistryB
   step already sent completes; (2) expiry compares the wall clocks of different hosts: clock skew eats into
   `lease_seconds`; (3) a dead holder is detected early only on its own host and pid namespace; elsewhere its lease
   blocks the family until it expires; (4) fairness: a waiter can lose to a newcomer; (5) writers that move aliases
-  with MlflowClient directly (the MLflow UI included) bypass the lease. MLflow's own HTTP retries after the start-up
-  probe follow MLFLOW_HTTP_REQUEST_MAX_RETRIES / _TIMEOUT.
+  with MlflowClient directly (the MLflow UI included) bypass the lease.
+Readers (`aliases`, `alias`, `list_versions`, `get`, `history`) that find an intent record show the state the move
+leads to (the intent is its commit point) and never write; `recover` or the next alias operation completes it.
+Outages: the start-up probe runs one real registry query (a server whose database is down fails it, unlike /health);
+MLflow's HTTP client is bounded (MLFLOW_HTTP_BOUNDS, unless the operator set them) and direct PostgreSQL URIs get a
+connect_timeout; a call whose backend or artifact store does not answer raises one RegistryError naming it.
 
     reg = AdapterRegistry("sqlite:///work/mlflow.db")
     run_id = reg.create_run("support-assistant")
