@@ -33,7 +33,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 KEY = "shared-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 FAM = "support"
-CFG = RolloutConfig(steps=(0.5, 1.0), requests_per_step=16, min_samples=4, max_error_rate=None)
+CFG = RolloutConfig(steps=(0.5, 1.0), requests_per_step=40, min_samples=4, max_error_rate=None)
+# 40: the first canary (25 requests) must not leave its first step while both replicas check its routing
 TIMEOUT = httpx.Timeout(60.0)
 
 
