@@ -453,10 +453,10 @@ class SharedRolloutController(RolloutController):
                 self._marks[rid] = b.pop("max_id")
                 b["step_requests"] = b.pop("after_mark")
                 if doc["status"] not in ACTIVE:
-                    self._ended_cache[rid] = b
+                    self._ended_cache[rid] = json.loads(json.dumps(b))  # kept apart from the copy handed out
             else:
-                b = self._ended_cache[rid]
-            rollouts[family] = {**doc, **json.loads(json.dumps(b))}
+                b = json.loads(json.dumps(self._ended_cache[rid]))
+            rollouts[family] = {**doc, **b}
             self._revs[family] = rev
             self._docs[family] = json.dumps(doc, sort_keys=True)
         current = {doc["id"] for _, doc in docs.values()}
