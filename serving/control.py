@@ -126,10 +126,10 @@ class RefMismatch(ValueError):
     """A load named one version and a registry ref that resolves to another."""
 
 
-def verify_adapter_dir(path: Path) -> str:
+def verify_adapter_dir(path: Path, base_sha256: str | None = None) -> str:
     """Refuse, with the reason, an adapter directory no engine should serve (no or unreadable adapter_config.json,
-    no adapter_model.safetensors, weights that are not finite); returns its content hash, so a reload after an
-    eviction can check it is still the same bytes."""
+    no adapter_model.safetensors, weights that are not finite, bound to another base than base_sha256 or to a PiSSA
+    residual base); returns its content hash, so a reload after an eviction can check it is still the same bytes."""
     import json
 
     from registry.hashing import tree_hash
@@ -163,6 +163,13 @@ def verify_adapter_dir(path: Path) -> str:
     except Exception as e:  # safetensors raises its own error types on truncated or corrupt files
         raise AdapterLoadError(f"{weights} cannot be read ({type(e).__name__}: {e}); the file is truncated or "
                                f"corrupt: re-download or re-export it") from None
+    from registry.binding import BindingMismatch, check_binding
+
+    if base_sha256 is not None:
+        try:  # the base the adapter says it was trained on (adapterops.json), when it says
+            check_binding(path, base_sha256, "serve")
+        except BindingMismatch as e:
+            raise AdapterLoadError(str(e)) from None
     return tree_hash(path)
 
 
@@ -331,7 +338,7 @@ class ControlPlane:
             if path is not None:
                 if ref is not None:
                     raise APIError(400, "send 'path' or 'ref', not both", param="ref")
-                digest = verify_adapter_dir(Path(path))
+                digest = verify_adapter_dir(Path(path), self.engine.base_sha256)
                 require_gates(st, family, version)
                 self.engine.load(key, Path(path), base_sha256=base_sha256)
             elif st.registry is not None:

@@ -133,6 +133,14 @@ def broken_copies(src: Path, root: Path) -> dict[str, tuple[Path, str]]:
     (none / "adapter_model.safetensors").unlink()
     out["no weights"] = (none, "no adapter_model.safetensors")
     out["not a directory"] = (root / "missing", "not a directory")
+    from registry.binding import write_binding
+
+    other = Path(shutil.copytree(src, root / "otherbase"))
+    write_binding(other, "0" * 64)
+    out["bound to another base"] = (other, "it was trained on base sha256:000000000000")
+    native = Path(shutil.copytree(src, root / "native"))
+    write_binding(native, model_weights_hash(BASE), base="pissa_residual")
+    out["PiSSA adapter as trained"] = (native, "residual base")
     return out
 
 
