@@ -78,7 +78,7 @@ def layer_7b(label: str, shape: tuple[int, int], rank: int, repeats: int, exact:
     target = torch.empty_like(W)
 
     def load_and_apply():
-        # safetensors maps the file lazily: copying into the layer (what init_cache.build_model does) is what
+        # safetensors maps the file lazily: copying into the layer (what lm.build_model does) is what
         # actually reads the bytes, so it belongs to the cost of a hit
         got = load_file(str(path))
         target.copy_(got["residual"])

@@ -56,7 +56,7 @@ def random_lora(base: Path, dest: Path, device: str, rank: int = 16) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from pipelines.init_cache import load_base
+    from pipelines.lm import load_base
 
     torch.manual_seed(1)
     model = load_base(base).to(device)
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
+    from pipelines import lm
     from pipelines import merge_quantize as mq
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -97,14 +98,14 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = args.repeats or (3 if args.model_size == "tiny" else 1)
     schemes = args.schemes.split(",")
     for s in schemes:
-        if s not in mq.SCHEMES:
-            raise SystemExit(f"--schemes: {s!r} is not one of {mq.SCHEMES}")
+        if s not in lm.SCHEMES:
+            raise SystemExit(f"--schemes: {s!r} is not one of {lm.SCHEMES}")
     d = mq.MergeConfig()
     notes = [f"{args.model_size} base, merge dtype {args.dtype}, device {args.device}; eval {d.eval_examples} "
              f"sequences of <= {d.max_len} tokens, {d.reference_windows} reference "
              f"windows (MergeConfig defaults). Each run writes a fresh output dir (no manifest reuse)."]
     try:
-        mq.require_scheme("nf4")  # imports bitsandbytes only here, lazily
+        lm.require_scheme("nf4")  # imports bitsandbytes only here, lazily
     except RuntimeError:
         if any(s != "none" for s in schemes):
             notes.append(f"bitsandbytes is not installed: {', '.join(s for s in schemes if s != 'none')} skipped.")

@@ -91,7 +91,7 @@ def _edit_merged(artifact: Path, edit) -> None:
 
 def _requantize(cfg, artifact: Path) -> None:
     """The quantize step after a (planted) merge: quantized/ from the artifact's merged/."""
-    from pipelines.merge_quantize import quantize
+    from pipelines.lm import quantize
 
     if cfg.quantize == "none":
         return

@@ -29,7 +29,7 @@ REPO = BENCH_DIR.parent
 
 def val_loss(init_entry: Path, train_dir: Path, rows, pad_id: int) -> float:
     """Validation loss of a trained adapter exactly as training measures it (base + cached residual + adapter)."""
-    from pipelines.init_cache import build_model
+    from pipelines.lm import build_model
     from pipelines.train import eval_loss
 
     model = build_model(BASE, init_entry, adapter=Path(train_dir) / "adapter_native", trainable=False)
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = p.parse_args(argv)
 
-    from pipelines import init_cache, manifest, replay, train
+    from pipelines import init_cache, lm, manifest, replay, train
     from pipelines.data import CATEGORIES_AFTER, CATEGORIES_BEFORE, load_bitext, splits, write_jsonl
     from registry.store import LocalStore
     from transformers import AutoTokenizer
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     before, after = splits(examples, CATEGORIES_BEFORE), splits(examples, CATEGORIES_AFTER)
     tokenizer = AutoTokenizer.from_pretrained(BASE)
     pad = tokenizer.pad_token_id
-    old_rows = train.tokenize(before["val"], tokenizer, 128)
-    new_rows = train.tokenize(after["val"], tokenizer, 128)
+    old_rows = lm.tokenize(before["val"], tokenizer, 128)
+    new_rows = lm.tokenize(after["val"], tokenizer, 128)
     new_val = write_jsonl(after["val"], args.workdir / "data" / "after-val.jsonl")
 
     v1_old, v1_new = val_loss(init.path, v1_dir, old_rows, pad), val_loss(init.path, v1_dir, new_rows, pad)

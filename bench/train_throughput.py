@@ -41,7 +41,7 @@ LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
 def text_rows(tokenizer, max_len: int, n: int, seed: int = 0):
     """(ids, labels) for n real examples: Bitext support pairs and SGD dialogue turns, half each."""
     from pipelines.data import load_bitext, load_dialogue, sample
-    from pipelines.train import tokenize
+    from pipelines.lm import tokenize
 
     examples = sample(load_bitext(), n // 2, seed) + load_dialogue(n=n - n // 2, seed=seed)
     random.Random(seed).shuffle(examples)

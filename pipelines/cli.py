@@ -105,7 +105,8 @@ def cmd_base_build(args, rest) -> int:
 def _init_cfg(args):
     import math
 
-    from pipelines.init_cache import DEFAULT_TARGETS, InitConfig, require_bitsandbytes
+    from pipelines.init_cache import DEFAULT_TARGETS, InitConfig
+    from pipelines.lm import require_bitsandbytes
 
     if not (math.isfinite(args.alpha) and args.alpha > 0):
         raise CliError(f"--alpha is the LoRA scaling numerator and must be a positive number, got {args.alpha}")
@@ -542,7 +543,7 @@ def describe_error(e: BaseException, command: str | None = None) -> tuple[str, i
         CliError, _loaded("pipelines.config", "ConfigError"), _loaded("pipelines.data", "DataError"),
         _loaded("registry.versions", "RegistryError"), _loaded("registry.store", "CorruptArtifact"),
         _loaded("registry.store", "ArtifactNotFound"), _loaded("registry.store", "StoreUnreachable"),
-        _loaded("pipelines.merge_quantize", "SchemeUnavailable"), _loaded("serving.rollout", "RolloutError"),
+        _loaded("pipelines.lm", "SchemeUnavailable"), _loaded("serving.rollout", "RolloutError"),
         _loaded("serving.client", "AdminAPIError"), _loaded("serving.engine", "AdapterLoadError"),
         _loaded("serving.engine", "EngineError"),
     ) if c)

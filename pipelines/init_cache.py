@@ -12,7 +12,8 @@ The initialisation runs layer by layer: the base stays on the CPU and each targe
 one layer, and each layer is logged as it finishes.
 
 QLoRA / QPiSSA (base_quant nf4): the entry holds the same full-precision weights (the SVD cannot run on a quantized
-model); build_model quantizes the base (PiSSA: the residual) to bitsandbytes nf4 and keeps the adapter in fp32.
+model); pipelines.lm.build_model quantizes the base (PiSSA: the residual) to bitsandbytes nf4 and keeps the adapter
+in fp32.
 
 Entry layout: residual.safetensors (PiSSA only: the mutated target weights), initial_adapter/ (PEFT format, its
 config saved with init_lora_weights=True so that loading it never re-runs the SVD), manifest.json.
@@ -28,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from pipelines import manifest
+from pipelines import lm
 
 METHODS = ("lora", "rslora", "dora", "pissa")
 QUANT_ALIASES = {"qlora": "lora", "qpissa": "pissa"}
@@ -127,33 +128,6 @@ def cache_key(base_sha256: str, cfg: InitConfig) -> str:
     return f"init/{label}-r{cfg.rank}-" + hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
-def require_bitsandbytes(base_quant: str) -> None:
-    """Fail before any work when a quantized base is asked for on a machine without bitsandbytes."""
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise RuntimeError(f"base_quant {base_quant} (QLoRA / QPiSSA) needs bitsandbytes, which is not installed on "
-                           f"this machine; pip install bitsandbytes, or use base_quant none (--base-quant none)") from None
-
-
-def load_base(base_path: Path, dtype: str = "float32"):
-    """Load the base model, with an error that says what to do when the path is wrong."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    base_path = Path(base_path)
-    if not (base_path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"base model directory {base_path} has no config.json; pass the directory of a causal LM saved with "
-            f"save_pretrained (the project's own is models/tiny-llama)"
-        )
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype))
-    except ValueError as e:
-        raise ValueError(f"{base_path} is not a causal language model transformers can load: {e}") from None
-    return model
-
-
 def _check_targets(model, cfg: InitConfig) -> None:
     import torch
 
@@ -197,7 +171,7 @@ def compute(base_path: Path, cfg: InitConfig, out: Path, log=print) -> Path:
     from safetensors.torch import save_file
 
     _check_device(cfg.device)
-    model = load_base(base_path, cfg.dtype)
+    model = lm.load_base(base_path, cfg.dtype)
     _check_targets(model, cfg)
     peft_model = get_peft_model(model, cfg.lora_config(init_lora_weights=False))
     layers = [(n, m) for n, m in peft_model.base_model.model.named_modules() if isinstance(m, LoraLayer)]
@@ -223,7 +197,7 @@ def compute(base_path: Path, cfg: InitConfig, out: Path, log=print) -> Path:
 
 def _reuse_sibling(store, base_sha: str, cfg: InitConfig, dest: Path, log) -> bool:
     """Fill `dest` from the entry of the same init with another base_quant, if stored: the weights are the same
-    (the quantization happens in build_model), so QPiSSA after PiSSA (or the reverse) repeats no SVD."""
+    (the quantization happens in lm.build_model), so QPiSSA after PiSSA (or the reverse) repeats no SVD."""
     from registry.store import CorruptArtifact
 
     if cfg.method not in NF4_METHODS:
@@ -253,7 +227,7 @@ def run(cfg: InitConfig, base_path: Path, store, scratch: Path, log=print) -> In
         raise FileNotFoundError(f"base model directory {base_path} does not exist or has no config.json; pass the "
                                 f"directory of a causal LM saved with save_pretrained (e.g. models/tiny-llama)")
     if cfg.base_quant != "none":
-        require_bitsandbytes(cfg.base_quant)
+        lm.require_bitsandbytes(cfg.base_quant)
     base_sha = model_weights_hash(Path(base_path))
     key = cache_key(base_sha, cfg)
     local = Path(scratch) / key.replace("/", "__")
@@ -280,54 +254,3 @@ def run(cfg: InitConfig, base_path: Path, store, scratch: Path, log=print) -> In
     store.get_dir(key, local)
     log(f"init cache miss {key}: stored")
     return InitResult(key, local, False, time.time() - t0)
-
-
-def _apply_residual(model, entry: Path) -> None:
-    import torch
-    from safetensors.torch import load_file
-
-    residual_file = Path(entry) / "residual.safetensors"
-    if not residual_file.is_file():
-        return
-    residual = load_file(str(residual_file))
-    params = dict(model.named_parameters())
-    unknown = sorted(set(residual) - set(params))
-    if unknown:
-        raise ValueError(f"cached residual has tensors {unknown[:3]} the base lacks; the entry is for another base")
-    with torch.no_grad():
-        for name, value in residual.items():
-            if params[name].shape != value.shape:
-                raise ValueError(f"cached residual {name} has shape {tuple(value.shape)}, base has "
-                                 f"{tuple(params[name].shape)}; the entry is for another base")
-            params[name].copy_(value)
-
-
-def build_model(base_path: Path, entry: Path, adapter: Path | None = None, trainable: bool = True):
-    """Base + cached residual + an adapter (the cached initial one, or a trained one that started from it).
-
-    `adapter` is how warm starts work: the champion's native adapter was trained on this same residual.
-    An entry with base_quant nf4 gives a bitsandbytes nf4 base (PiSSA: the residual quantized, after the SVD ran in
-    full precision) on the CPU, compute dtype float32, with an fp32 adapter; move it with .to(device), never to a dtype.
-    """
-    from peft import PeftModel, prepare_model_for_kbit_training
-
-    from pipelines.merge_quantize import quantize
-
-    base_quant = manifest.read(entry)["config"].get("base_quant", "none")  # entries from before it: none
-    if base_quant == "none":
-        model = load_base(base_path)
-        _apply_residual(model, entry)
-    else:
-        require_bitsandbytes(base_quant)
-        if not (Path(entry) / "residual.safetensors").is_file():
-            model = quantize(Path(base_path), base_quant)
-        else:  # bitsandbytes quantizes while loading: save the residual model, load it quantized
-            with tempfile.TemporaryDirectory(prefix="adapterops-residual-") as tmp:
-                full = load_base(base_path)
-                _apply_residual(full, entry)
-                full.save_pretrained(tmp)
-                del full
-                model = quantize(Path(tmp), base_quant)
-        if trainable:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return PeftModel.from_pretrained(model, str(adapter or Path(entry) / "initial_adapter"), is_trainable=trainable)

@@ -29,10 +29,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipelines import manifest
+from pipelines import lm, manifest
 from pipelines.data import REFERENCE_TEXT, DataError, read_jsonl
 
-SCHEMES = ("nf4", "int8", "none")
 WEIGHT_GATE = "merged_weights_max_rel"
 
 
@@ -104,8 +103,8 @@ class MergeConfig:
     rounding, and the gates judge them either way)."""
 
     def __post_init__(self) -> None:
-        if self.quantize not in SCHEMES:
-            raise ValueError(f"quantize {self.quantize!r} is not one of {SCHEMES}")
+        if self.quantize not in lm.SCHEMES:
+            raise ValueError(f"quantize {self.quantize!r} is not one of {lm.SCHEMES}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype {self.dtype!r} must be float32 or bfloat16")
         if self.eval_examples < 1 or self.golden_prompts < 1:
@@ -128,90 +127,6 @@ def _gate(name: str, value: float, op: str, threshold: float) -> dict:
     if isinstance(value, float) and math.isnan(value):
         ok = False
     return {"name": name, "value": float(value), "op": op, "threshold": threshold, "passed": bool(ok)}
-
-
-def _device(model):
-    return next(model.parameters()).device
-
-
-def _sequence_logits(model, rows, pad_id: int, batch_size: int = 16):
-    """(float32 logits [N, T, V], token mask [N, T], labels [N, T]) of teacher-forced rows, on the model's device."""
-    import torch
-
-    from pipelines.train import collate
-
-    ids, labels, mask = (t.to(_device(model)) for t in collate(rows, pad_id))
-    with torch.no_grad():
-        logits = torch.cat([model(input_ids=ids[i : i + batch_size], attention_mask=mask[i : i + batch_size])
-                            .logits.float() for i in range(0, len(rows), batch_size)])
-    return logits, mask.bool(), labels
-
-
-def _response_loss(logits, labels) -> float:
-    """Mean response-token NLL from teacher-forced logits (pipelines.train.eval_loss, without a second forward)."""
-    import torch
-
-    return float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
-                                                   labels[:, 1:].reshape(-1), ignore_index=-100))
-
-
-def _prompt_logits(model, tokenizer, prompts: list[str]):
-    """Logits of right-padded prompts, tokenized exactly as serving.pool.AdapterPool.prompt_logits does."""
-    import torch
-
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="right")
-    dev = _device(model)
-    with torch.no_grad():
-        logits = model(input_ids=enc.input_ids.to(dev), attention_mask=enc.attention_mask.to(dev)).logits.float()
-    return logits, enc.attention_mask.to(dev)
-
-
-def reference_perplexity(model, tokenizer, text_path: Path, windows: int, width: int = 128) -> float:
-    """Perplexity on the tail of a book (held out from the base's pretraining, never in adapter data)."""
-    import torch
-
-    text = Path(text_path).read_text(encoding="utf-8")
-    tail = text[int(len(text) * 0.96):]
-    ids = tokenizer(tail, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    n = min(windows, (len(ids) - 1) // width)
-    if n < 1:
-        raise ValueError(f"reference text {text_path} is too short for one {width}-token window")
-    batch = torch.stack([ids[i * width : (i + 1) * width + 1] for i in range(n)]).to(_device(model))
-    with torch.no_grad():
-        logits = model(input_ids=batch[:, :-1]).logits.float()
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
-    return float(torch.exp(nll))
-
-
-class SchemeUnavailable(RuntimeError):
-    """A quantization scheme this machine cannot run (bitsandbytes missing)."""
-
-
-def require_scheme(scheme: str) -> None:
-    """Fail before any work when `scheme` cannot run here (bitsandbytes missing)."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"quantization scheme {scheme!r} is not one of {SCHEMES}")
-    if scheme == "none":
-        return
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise SchemeUnavailable(f"quantization scheme {scheme} needs bitsandbytes, which is not installed; "
-                           f"pip install bitsandbytes or pass --quantize none") from None
-
-
-def quantize(merged_dir: Path, scheme: str, device: str = "cpu", dtype: str = "float32"):
-    """Load a saved model quantized with bitsandbytes (nf4: compute in `dtype`; int8: LLM.int8)."""
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    require_scheme(scheme)
-    if scheme == "nf4":
-        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                bnb_4bit_compute_dtype=getattr(torch, dtype))
-    else:
-        qc = BitsAndBytesConfig(load_in_8bit=True)
-    return AutoModelForCausalLM.from_pretrained(merged_dir, quantization_config=qc, device_map=device)
 
 
 def write_report_md(report: dict, kl_hist: dict | None, path: Path) -> None:
@@ -352,13 +267,10 @@ def reference(cfg: MergeConfig, base_path: Path, adapter_dir: Path, examples: li
     import torch
     from peft import PeftConfig, PeftModel
 
-    from pipelines.init_cache import load_base
-    from pipelines.train import tokenize
-
     pad = tokenizer.pad_token_id
-    rows = tokenize(examples[: cfg.eval_examples], tokenizer, cfg.max_len)
-    base = load_base(Path(base_path), cfg.dtype).to(cfg.device).eval()
-    base_ppl = reference_perplexity(base, tokenizer, reference_text, cfg.reference_windows)
+    rows = lm.tokenize(examples[: cfg.eval_examples], tokenizer, cfg.max_len)
+    base = lm.load_base(Path(base_path), cfg.dtype).to(cfg.device).eval()
+    base_ppl = lm.reference_perplexity(base, tokenizer, reference_text, cfg.reference_windows)
     PeftConfig.from_pretrained(str(adapter_dir))  # clear error for a malformed config before touching weights
     try:
         model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
@@ -369,19 +281,19 @@ def reference(cfg: MergeConfig, base_path: Path, adapter_dir: Path, examples: li
         if not torch.isfinite(p).all():
             what = f"adapter {adapter_dir}" if "lora_" in n else f"base {base_path}"
             raise ValueError(f"{what} has non-finite values in {n}; it cannot be merged")
-    logits, mask, labels = _sequence_logits(model, rows, pad)
+    logits, mask, labels = lm.sequence_logits(model, rows, pad)
     golden_prompts = [e.prompt for e in examples[: cfg.golden_prompts]]
-    golden_logits, golden_mask = _prompt_logits(model, tokenizer, golden_prompts)
-    ref = Reference(rows=rows, logits=logits, mask=mask, val_loss=_response_loss(logits, labels), base_ppl=base_ppl,
+    golden_logits, golden_mask = lm.prompt_logits(model, tokenizer, golden_prompts)
+    ref = Reference(rows=rows, logits=logits, mask=mask, val_loss=lm.response_loss(logits, labels), base_ppl=base_ppl,
                     golden_prompts=golden_prompts, golden_logits=golden_logits, golden_mask=golden_mask,
                     weights=_expected_weights(model), reference_text=Path(reference_text))
     del model, base
     if old_val_data is not None:
-        ref.old_rows = tokenize(read_jsonl(Path(old_val_data))[: cfg.eval_examples * 4], tokenizer, cfg.max_len)
-        champion = PeftModel.from_pretrained(load_base(Path(base_path), cfg.dtype).to(cfg.device),
+        ref.old_rows = lm.tokenize(read_jsonl(Path(old_val_data))[: cfg.eval_examples * 4], tokenizer, cfg.max_len)
+        champion = PeftModel.from_pretrained(lm.load_base(Path(base_path), cfg.dtype).to(cfg.device),
                                              str(champion_adapter)).eval()
-        old_logits, _, old_labels = _sequence_logits(champion, ref.old_rows, pad)
-        ref.champion_old_loss = _response_loss(old_logits, old_labels)
+        old_logits, _, old_labels = lm.sequence_logits(champion, ref.old_rows, pad)
+        ref.champion_old_loss = lm.response_loss(old_logits, old_labels)
         del champion, old_logits
     return ref
 
@@ -392,11 +304,9 @@ def build(cfg: MergeConfig, base_path: Path, adapter_dir: Path, dest: Path, toke
     """Merge `adapter_dir` into the base and write dest/merged (and dest/quantized); returns seconds per step."""
     from peft import PeftModel
 
-    from pipelines.init_cache import load_base
-
     seconds = {}
     t = time.time()
-    base = load_base(Path(base_path), cfg.dtype).to(cfg.device)
+    base = lm.load_base(Path(base_path), cfg.dtype).to(cfg.device)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
     merged.save_pretrained(dest / "merged", safe_serialization=True)
     tokenizer.save_pretrained(dest / "merged")
@@ -404,7 +314,7 @@ def build(cfg: MergeConfig, base_path: Path, adapter_dir: Path, dest: Path, toke
     seconds["merge"] = time.time() - t
     if cfg.quantize != "none":
         t = time.time()
-        qmodel = quantize(dest / "merged", cfg.quantize, cfg.device, cfg.dtype)
+        qmodel = lm.quantize(dest / "merged", cfg.quantize, cfg.device, cfg.dtype)
         qmodel.save_pretrained(dest / "quantized")
         tokenizer.save_pretrained(dest / "quantized")
         del qmodel
@@ -445,10 +355,10 @@ def verify(cfg: MergeConfig, ref: Reference, artifact: Path, tokenizer, expect_g
     merged = AutoModelForCausalLM.from_pretrained(artifact / "merged", dtype=getattr(torch, cfg.dtype))
     merged = merged.to(cfg.device).eval()
     weight_rel, weight_where = _weight_gate(merged, ref.weights)
-    merged_logits, _, labels = _sequence_logits(merged, ref.rows, pad)
-    merged_ppl = reference_perplexity(merged, tokenizer, ref.reference_text, cfg.reference_windows)
+    merged_logits, _, labels = lm.sequence_logits(merged, ref.rows, pad)
+    merged_ppl = lm.reference_perplexity(merged, tokenizer, ref.reference_text, cfg.reference_windows)
     mv = compare_logits(ref.logits, merged_logits, ref.mask)
-    merged_val = _response_loss(merged_logits, labels)
+    merged_val = lm.response_loss(merged_logits, labels)
     gates = [
         _gate("merged_cosine", mv.cosine, ">=", g.merged_min_cosine),
         _gate("merged_max_abs", mv.max_abs, "<=", g.merged_max_abs_fp32 if fp32 else g.merged_max_abs_bf16),
@@ -461,15 +371,15 @@ def verify(cfg: MergeConfig, ref: Reference, artifact: Path, tokenizer, expect_g
                 "base_reference_ppl": ref.base_ppl, "merged_reference_ppl": merged_ppl,
                 "unmerged_val_loss": ref.val_loss, "merged_val_loss": merged_val}
     if ref.old_rows is not None:
-        old_logits, _, old_labels = _sequence_logits(merged, ref.old_rows, pad)
-        old_loss = _response_loss(old_logits, old_labels)
+        old_logits, _, old_labels = lm.sequence_logits(merged, ref.old_rows, pad)
+        old_loss = lm.response_loss(old_logits, old_labels)
         del old_logits
         gates.append(_gate("old_categories_loss_rise", old_loss / ref.champion_old_loss - 1, "<=",
                            g.old_task_max_rise))
         measured.update(old_categories_loss=old_loss, champion_old_categories_loss=ref.champion_old_loss)
     if expect_golden is not None:
         golden = load_golden(Path(expect_golden))
-        logits, mask = _prompt_logits(merged, tokenizer, golden.prompts)
+        logits, mask = lm.prompt_logits(merged, tokenizer, golden.prompts)
         gc = compare_to_golden(golden.logits, golden.mask, logits, mask, g.merged_min_cosine,
                                g.merged_max_abs_fp32 if fp32 else g.merged_max_abs_bf16,
                                g.merged_min_top1_fp32 if fp32 else g.merged_min_top1_bf16)
@@ -482,7 +392,7 @@ def verify(cfg: MergeConfig, ref: Reference, artifact: Path, tokenizer, expect_g
     kl_hist = None
     if cfg.quantize != "none":
         qmodel = AutoModelForCausalLM.from_pretrained(artifact / "quantized", device_map=cfg.device)  # what ships
-        q_logits, _, _ = _sequence_logits(qmodel, ref.rows, pad)
+        q_logits, _, _ = lm.sequence_logits(qmodel, ref.rows, pad)
         del qmodel
         qv = compare_logits(merged_logits, q_logits, ref.mask)
         th = g.quant[cfg.quantize]
@@ -537,7 +447,7 @@ def run(cfg: MergeConfig, base_path: Path, adapter_dir: Path, val_data: Path, ou
     if expect_golden is not None and not Path(expect_golden).is_file():
         raise FileNotFoundError(f"golden logits {expect_golden} to rebuild against do not exist; pass the version's "
                                 f"golden/{GOLDEN_FILE}")
-    require_scheme(cfg.quantize)
+    lm.require_scheme(cfg.quantize)
     examples = _check_inputs(Path(base_path), adapter_dir, Path(val_data), Path(reference_text))
     inputs = {"base_sha256": model_weights_hash(Path(base_path)), "adapter_sha256": tree_hash(adapter_dir),
               "val_sha256": sha256_file(Path(val_data)), "reference_sha256": sha256_file(Path(reference_text)),

@@ -27,13 +27,13 @@ version: above it the text, its windowing or the base differ, and the two number
 def reference_perplexity(base_path: Path, adapter_dir: Path | None, text: Path = REFERENCE_TEXT,
                          windows: int | None = None) -> float:
     """Perplexity of the base (adapter_dir None) or base + PEFT adapter on `text`, exactly as the forgetting gate
-    measures it (pipelines.merge_quantize.reference_perplexity, `windows` 128-token windows of the text's tail)."""
+    measures it (pipelines.lm.reference_perplexity, `windows` 128-token windows of the text's tail)."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from pipelines.init_cache import load_base
+    from pipelines.lm import load_base
+    from pipelines.lm import reference_perplexity as measure
     from pipelines.merge_quantize import MergeConfig
-    from pipelines.merge_quantize import reference_perplexity as measure
 
     windows = MergeConfig().reference_windows if windows is None else windows
     tokenizer = AutoTokenizer.from_pretrained(base_path)

@@ -28,8 +28,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipelines import manifest
-from pipelines.data import Example, category_counts, read_jsonl
+from pipelines import lm, manifest
+from pipelines.data import category_counts, read_jsonl
 
 # Method-aware defaults. PiSSA starts from the principal components (large, non-zero A and B), so full LoRA learning
 # rates overshoot; it gets a lower rate and a longer warm-up. rsLoRA scales by alpha/sqrt(r) (larger than alpha/r).
@@ -133,21 +133,6 @@ class HealthCheckFailed(RuntimeError):
         self.report = report
 
 
-def tokenize(examples: list[Example], tokenizer, max_len: int) -> list[tuple[list[int], list[int]]]:
-    out = []
-    for e in examples:
-        p = tokenizer(e.prompt, add_special_tokens=False)["input_ids"]
-        r = tokenizer(e.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(p) >= max_len - 4:
-            continue
-        ids = (p + r)[:max_len]
-        labels = ([-100] * len(p) + r)[:max_len]
-        out.append((ids, labels))
-    if not out:
-        raise ValueError(f"every example's prompt is longer than max_len={max_len} tokens; raise max_len")
-    return out
-
-
 def length_grouped_batches(n_tokens: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
     """Shuffle, sort within mega-batches of 16 batches by length, then shuffle the batches."""
     idx = list(range(len(n_tokens)))
@@ -192,21 +177,6 @@ def packed_batches(n_tokens: list[int], batch_size: int, max_len: int, rng: rand
     return [rows[k : k + batch_size] for k in range(0, len(rows), batch_size)]
 
 
-def collate(rows: list[tuple[list[int], list[int]]], pad_id: int):
-    """One example per row, right-padded: (ids, labels, attention mask)."""
-    import torch
-
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (x, y) in enumerate(rows):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
-    return ids, labels, mask
-
-
 def collate_packed(packed: list[list[tuple[list[int], list[int]]]], pad_id: int, width: int | None = None):
     """Several examples per row: (ids, labels, position ids, real-token count). Position ids restart at 0 for each
     example, which is how transformers recognises packed sequences (attention_mask=None) and keeps them apart; the
@@ -234,10 +204,10 @@ def collate_packed(packed: list[list[tuple[list[int], list[int]]]], pad_id: int,
 def _lm_parts(model):
     """(decoder, output layer) of a causal LM (or a PEFT model around one), or None where the logits need more than
     `head(decoder(x))` (e.g. Gemma's soft-capping)."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = getattr(lm, "base_model", None)
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    if decoder is None or decoder is lm or head is None or getattr(lm.config, "final_logit_softcapping", None):
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(causal, "base_model", None)
+    head = causal.get_output_embeddings() if hasattr(causal, "get_output_embeddings") else None
+    if decoder is None or decoder is causal or head is None or getattr(causal.config, "final_logit_softcapping", None):
         return None
     return decoder, head
 
@@ -298,7 +268,7 @@ def eval_loss(model, rows, pad_id: int, batch_size: int = 16) -> float:
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     with torch.no_grad():
         for k in range(0, len(order), batch_size):
-            ids, labels, mask = collate([rows[i] for i in order[k : k + batch_size]], pad_id)
+            ids, labels, mask = lm.collate([rows[i] for i in order[k : k + batch_size]], pad_id)
             with autocast_for(model):
                 loss, n = batch_loss(model, ids.to(device), labels.to(device), mask.to(device))
             total += float(loss)
@@ -456,7 +426,7 @@ class BatchSource:
                     "n_loss": int(b.numel()), "cu_seqlens": self._to(cu),
                     "max_seqlen": max_seqlen_bucket(cu, ids.shape[1])}
             return self._to(ids), self._to(labels), None, self._to(pos), real, ids.numel(), meta
-        ids, labels, mask = collate([self.rows[i] for i in batch], self.pad_id)
+        ids, labels, mask = lm.collate([self.rows[i] for i in batch], self.pad_id)
         return self._to(ids), self._to(labels), self._to(mask), None, int(mask.sum()), ids.numel(), {}
 
 
@@ -630,8 +600,6 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
     from registry.hashing import model_weights_hash, sha256_file
     from transformers import AutoTokenizer
 
-    from pipelines.init_cache import build_model
-
     init_manifest = manifest.read(init_entry)
     method = init_manifest["config"]["method"]
     rank = init_manifest["config"]["rank"]
@@ -664,9 +632,10 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     train_examples, val_examples = read_jsonl(train_data), read_jsonl(val_data)
-    train_rows = tokenize(train_examples, tokenizer, cfg.max_len)
-    val_rows = tokenize(val_examples, tokenizer, cfg.max_len)
-    model = build_model(Path(base_path), Path(init_entry), adapter=(Path(parent) / "adapter_native") if parent else None)
+    train_rows = lm.tokenize(train_examples, tokenizer, cfg.max_len)
+    val_rows = lm.tokenize(val_examples, tokenizer, cfg.max_len)
+    model = lm.build_model(Path(base_path), Path(init_entry),
+                           adapter=(Path(parent) / "adapter_native") if parent else None)
     model = prepare_precision(model.to(device), precision)
     if method == "dora" and cfg.fast_dora:
         from pipelines import fast_dora

@@ -89,7 +89,8 @@ def test_pissa_miss_stores_a_complete_entry(pissa_miss, store):
 
 
 def test_second_run_is_a_hit_and_runs_no_svd(pissa_miss, store, tmp_path, monkeypatch):
-    from pipelines.init_cache import InitConfig, build_model
+    from pipelines.init_cache import InitConfig
+    from pipelines.lm import build_model
     from registry.hashing import tree_hash
 
     _forbid_svd(monkeypatch)
@@ -144,7 +145,8 @@ def test_corrupted_entry_is_evicted_and_recomputed(tmp_path):
 def test_pissa_fast_svd(store, pissa_miss, tmp_path, monkeypatch):
     import peft.tuners.lora.layer as lora_layer
     import torch
-    from pipelines.init_cache import InitConfig, build_model, load_base
+    from pipelines.init_cache import InitConfig
+    from pipelines.lm import build_model, load_base
 
     calls = []
     real = lora_layer.svd_lowrank
@@ -201,7 +203,7 @@ def test_missing_base_error_says_the_directory_is_missing(tmp_path):
 def test_build_model_reproduces_the_base_before_training(pissa_miss):
     """PiSSA moves the top singular directions into the adapter: W_res + s*B@A must give back W."""
     import torch
-    from pipelines.init_cache import build_model, load_base
+    from pipelines.lm import build_model, load_base
 
     base = load_base(BASE).eval()
     model = build_model(BASE, pissa_miss.path, trainable=False).eval()
@@ -224,7 +226,8 @@ def test_layer_by_layer_init_equals_peft_whole_model_init(tmp_path, svd_niter):
 
     import torch
     from peft import get_peft_model, get_peft_model_state_dict
-    from pipelines.init_cache import InitConfig, compute, load_base
+    from pipelines.init_cache import InitConfig, compute
+    from pipelines.lm import load_base
     from safetensors.torch import load_file
 
     cfg = InitConfig(**PISSA, svd_niter=svd_niter)
@@ -255,7 +258,8 @@ def test_qpissa_reuses_the_pissa_weights_and_its_hit_runs_no_svd(pissa_miss, sto
     a hit runs none either, and build_model quantizes the residual (nf4 base, fp32 adapter)."""
     import json
 
-    from pipelines.init_cache import InitConfig, build_model
+    from pipelines.init_cache import InitConfig
+    from pipelines.lm import build_model
     from registry.hashing import sha256_file
 
     _forbid_svd(monkeypatch)

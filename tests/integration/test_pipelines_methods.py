@@ -115,7 +115,7 @@ def test_training_lowers_the_loss(trained, name):
 @pytest.mark.parametrize("name", SPECS)
 def test_native_adapter_reloads_on_the_cached_base(trained, tiny_data, name):
     """adapter_native/ on the cached base (residual, nf4 where configured) is the model training ended with."""
-    from pipelines.init_cache import build_model
+    from pipelines.lm import build_model
     from pipelines.train import eval_loss
 
     run = trained(name)
@@ -134,7 +134,7 @@ def test_native_adapter_reloads_on_the_cached_base(trained, tiny_data, name):
 def test_deployable_adapter_on_the_original_base_gives_the_trained_model(trained, tiny_data, name):
     import torch
     from peft import PeftModel
-    from pipelines.init_cache import build_model, load_base
+    from pipelines.lm import build_model, load_base
     from pipelines.train import eval_loss
 
     run = trained(name)
@@ -160,7 +160,7 @@ def test_deployable_adapter_on_the_original_base_within_the_quantization_error(t
     """
     import torch
     from peft import PeftModel
-    from pipelines.init_cache import build_model, load_base
+    from pipelines.lm import build_model, load_base
 
     run = trained(name)
     fp32_entry = entry(FULL_PRECISION[name])  # same cached weights, no quantization
@@ -194,7 +194,7 @@ def test_qpissa_quantizes_the_residual_and_the_health_check_reads_it_dequantized
     """QPiSSA's base holds nf4(W - s B0 A0), not nf4(W); adapter_deltas sees the dequantized weight."""
     import torch
     from peft.utils.integrations import dequantize_module_weight
-    from pipelines.init_cache import build_model, load_base
+    from pipelines.lm import build_model, load_base
     from pipelines.train import adapter_deltas
 
     model = build_model(BASE, entry("qpissa"), trainable=False)

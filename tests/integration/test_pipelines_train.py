@@ -51,7 +51,7 @@ def test_saved_adapter_loads_onto_the_original_base(trained, init_entry, tiny_da
     """adapter/ on the ORIGINAL base gives the model training ended with (its final val loss, the native logits)."""
     import torch
     from peft import PeftModel
-    from pipelines.init_cache import build_model, load_base
+    from pipelines.lm import build_model, load_base
     from pipelines.train import eval_loss
 
     out = trained(method)

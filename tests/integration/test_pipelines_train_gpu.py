@@ -38,7 +38,7 @@ def test_bf16_packed_training_on_cuda_saves_an_fp32_adapter_that_reloads(method,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipelines import train
+    from pipelines import lm, train
     from pipelines.data import read_jsonl
 
     cfg = train.TrainConfig(steps=20, batch_size=2, max_len=256, packing=True, eval_every=20, device="cuda")
@@ -52,7 +52,7 @@ def test_bf16_packed_training_on_cuda_saves_an_fp32_adapter_that_reloads(method,
     base = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
-    rows = train.tokenize(read_jsonl(tiny_data.val), AutoTokenizer.from_pretrained(BASE), cfg.max_len)
+    rows = lm.tokenize(read_jsonl(tiny_data.val), AutoTokenizer.from_pretrained(BASE), cfg.max_len)
     fp32_val = train.eval_loss(model, rows, AutoTokenizer.from_pretrained(BASE).pad_token_id)
     # trained and evaluated in bf16 on the GPU, re-evaluated in fp32 on the CPU: close, not equal
     assert fp32_val == pytest.approx(m["metrics"]["val_loss"], rel=0.03)

@@ -99,7 +99,8 @@ def test_a_checkpoint_of_other_inputs_is_discarded_not_resumed(init_entry, tiny_
 def test_packed_rows_give_the_loss_of_unpacked_examples(tiny_data):
     import torch
     from pipelines.data import read_jsonl
-    from pipelines.train import batch_loss, collate, collate_packed, tokenize
+    from pipelines.lm import collate, tokenize
+    from pipelines.train import batch_loss, collate_packed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(BASE)

@@ -11,7 +11,7 @@ BASE = Path(__file__).resolve().parents[2] / "models" / "tiny-llama"
 def val_rows(val: Path, max_len: int = 64):
     """(tokenized rows of a validation JSONL, pad id), as the trainer tokenizes them."""
     from pipelines.data import read_jsonl
-    from pipelines.train import tokenize
+    from pipelines.lm import tokenize
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(BASE)
