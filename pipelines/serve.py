@@ -82,6 +82,7 @@ def make_engine(spec: EngineSpec, base_path: Path):
             server.stop()
         raise
     if server is not None:
+        server.supervise()  # a vLLM that dies is started again (bounded); the engine reloads the adapters
         engine.owned_servers = [server]  # stopped by engine.close()
     return engine
 

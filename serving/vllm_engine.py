@@ -812,8 +812,12 @@ class VLLMEngine:
             raise EngineError("the vLLM engine is closed")
 
     def close(self) -> None:
+        """Stop the request threads; a vLLM server this engine was handed to own (owned_servers, e.g. started by
+        `--vllm-launch`) is stopped too."""
         if self._closed:
             return
         self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
+        for server in getattr(self, "owned_servers", []):
+            server.stop()

@@ -16,16 +16,19 @@ timeout.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import httpx
 
+log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -191,8 +194,48 @@ class VLLMServer:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def supervise(self, interval_s: float = 5.0, max_restarts: int = 3, window_s: float = 600.0) -> None:
+        """Watch the process from a daemon thread and start it again (same port) when it exits on its own, at most
+        max_restarts times in window_s (a vLLM that keeps crashing stays down, with its log named, instead of
+        looping); clients see a short outage, and the engine reloads its adapters on the first 404. stop() ends it."""
+        if getattr(self, "_supervisor", None) is not None:
+            return
+        self._stop_supervising = threading.Event()
+        restarts: list[float] = []
+
+        def watch():
+            while not self._stop_supervising.wait(interval_s):
+                proc = self.proc
+                if proc is None or proc.poll() is None:
+                    continue
+                now = time.monotonic()
+                restarts[:] = [t for t in restarts if now - t < window_s]
+                if len(restarts) >= max_restarts:
+                    log.error("vLLM at %s exited with code %s and was restarted %d times in %.0f s: leaving it down; "
+                              "its log: %s\n%s", self.url, proc.returncode, len(restarts), window_s, self.log_path,
+                              _log_tail(self.log_path))
+                    return
+                restarts.append(now)
+                log.error("vLLM at %s exited with code %s; restarting it (log %s)", self.url, proc.returncode,
+                          self.log_path)
+                try:
+                    self.proc = None
+                    self._start()
+                    log.warning("vLLM at %s is back", self.url)
+                except Exception as exc:  # noqa: BLE001  (the next round tries again, within the budget)
+                    log.error("restarting vLLM at %s failed: %s", self.url, exc)
+
+        self._supervisor = threading.Thread(target=watch, name=f"vllm-supervisor-{self.port}", daemon=True)
+        self._supervisor.start()
+
     def stop(self) -> None:
         """Terminate vLLM's process group (SIGTERM, then SIGKILL after stop_grace_s); idempotent."""
+        supervisor = getattr(self, "_supervisor", None)
+        if supervisor is not None:
+            self._stop_supervising.set()
+            if supervisor is not threading.current_thread():
+                supervisor.join(timeout=5)
+            self._supervisor = None
         proc, self.proc = self.proc, None
         if proc is not None:
             if proc.poll() is None:
