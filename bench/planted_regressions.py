@@ -26,11 +26,12 @@ import time
 from pathlib import Path
 
 from bench.common import write_result
+from pipelines import methods
 
 NAME = "planted_regressions"
 REPO = Path(__file__).resolve().parent.parent
 BASE = REPO / "models" / "tiny-llama"
-METHODS = ("lora", "rslora", "dora", "pissa")
+METHODS = tuple(methods.METHODS)
 MODULE = "model.layers.1.self_attn.v_proj"
 QUANT_LAYER = "model.layers.1.mlp.down_proj"
 MERGE_PLANTS = ("weight_x1.01_max", "weight_x1.01_rand", "weight_x2_max", "dropped_module", "sign_flip", "wrong_base")

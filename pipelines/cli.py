@@ -598,6 +598,8 @@ def describe_error(e: BaseException, command: str | None = None) -> tuple[str, i
 # -- parser ------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipelines import lm, methods  # light: no torch at import
+    from pipelines.init_cache import BASE_QUANTS
     p = argparse.ArgumentParser(prog="adapterops", description="The lifecycle of LLM adapters: init cache, training, "
                                 "gated merge-and-quantize, MLflow versions, canary serving, drift-driven retraining.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also ADAPTEROPS_DEBUG=1)")
@@ -617,15 +619,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     def init_args(q, with_store=True, device_flags=("--device", "--init-device")):
         q.add_argument("--base", default=str(DEFAULT_BASE), help="base model directory")
-        q.add_argument("--method", default="pissa", choices=["lora", "rslora", "dora", "pissa", "qlora", "qpissa"],
-                       help="qlora / qpissa = lora / pissa with --base-quant nf4")
+        q.add_argument("--method", default="pissa", choices=methods.CHOICES,
+                       help=f"{' / '.join(methods.QUANT_ALIASES)} = {' / '.join(methods.QUANT_ALIASES.values())} "
+                            "with --base-quant nf4")
         q.add_argument("--rank", type=int, default=8)
         q.add_argument("--alpha", type=float, default=16.0)
         q.add_argument("--targets", default="", help="comma-separated module names (default: all Llama linears)")
         q.add_argument("--svd-niter", type=int, default=None, help="PiSSA fast SVD iterations (default exact SVD)")
         q.add_argument(*device_flags, dest="init_device", default="cpu",
                        help="device for the initialisation, one layer at a time (cpu, cuda)")
-        q.add_argument("--base-quant", default="none", choices=["none", "nf4"],
+        q.add_argument("--base-quant", default="none", choices=BASE_QUANTS,
                        help="train on a bitsandbytes nf4 base (QLoRA; QPiSSA with pissa); needs bitsandbytes")
         q.add_argument("--store", default="work/init-cache", help="directory or s3://bucket/prefix "
                        "(endpoint from AWS_ENDPOINT_URL)")
@@ -656,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge + quantize an adapter behind logit regression gates")
     m.add_argument("--base", default=str(DEFAULT_BASE))
     m.add_argument("--adapter", required=True, help="PEFT adapter directory")
-    m.add_argument("--quantize", default=None, choices=["nf4", "int8", "none"],
+    m.add_argument("--quantize", default=None, choices=lm.SCHEMES,
                    help="quantization scheme (default: the config's, nf4)")
     m.add_argument("--out", required=True)
     m.add_argument("--val", required=True, help="validation JSONL the gates compare logits on")

@@ -29,14 +29,9 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from pipelines import lm
+from pipelines import lm, methods
 
-METHODS = ("lora", "rslora", "dora", "pissa")
-QUANT_ALIASES = {"qlora": "lora", "qpissa": "pissa"}
-"""Method names users know, accepted on input and stored as (method, base_quant="nf4")."""
 BASE_QUANTS = ("none", "nf4")
-NF4_METHODS = ("lora", "rslora", "pissa")
-"""Methods whose init does not depend on the base's quantization (DoRA's magnitudes would)."""
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = ("float32", "bfloat16")
 
@@ -46,7 +41,8 @@ class InitConfig:
     """What the initial adapter is; every field is part of the cache key."""
 
     method: str = "pissa"
-    """lora | rslora | dora | pissa (aliases: qlora, qpissa = lora, pissa with base_quant nf4)."""
+    """A pipelines.methods.METHODS name: lora | rslora | dora | pissa (aliases: qlora, qpissa = lora, pissa with
+    base_quant nf4)."""
     rank: int = 8
     """Adapter rank r; higher adapts more and costs memory linearly."""
     alpha: float = 16.0
@@ -68,29 +64,26 @@ class InitConfig:
     def __post_init__(self) -> None:
         if self.base_quant not in BASE_QUANTS:
             raise ValueError(f"base_quant {self.base_quant!r} is not one of {', '.join(BASE_QUANTS)}")
-        if self.method in QUANT_ALIASES:
-            self.method, self.base_quant = QUANT_ALIASES[self.method], "nf4"
-        if self.method not in METHODS:
-            raise ValueError(f"method {self.method!r} is not one of {', '.join(METHODS)} (or {', '.join(QUANT_ALIASES)}"
-                             f": lora / pissa on an nf4 base)")
-        if self.base_quant != "none" and self.method not in NF4_METHODS:
-            raise ValueError("base_quant nf4 does not support dora: its magnitudes would be initialised from the fp32 "
-                             "weights, not the quantized ones it trains on; use lora or pissa with nf4, or dora with "
+        if self.method in methods.QUANT_ALIASES:
+            self.method, self.base_quant = methods.QUANT_ALIASES[self.method], "nf4"
+        m = methods.get(self.method)
+        if self.base_quant != "none" and not m.nf4:
+            raise ValueError(f"base_quant {self.base_quant} does not support {m.name}: {m.nf4_refused}; use "
+                             f"{' or '.join(methods.QUANT_ALIASES.values())} with {self.base_quant}, or {m.name} with "
                              "base_quant none")
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if not self.target_modules:
             raise ValueError("target_modules is empty; name at least one linear layer, e.g. q_proj")
-        if self.svd_niter is not None and (self.method != "pissa" or self.svd_niter < 1):
-            raise ValueError("svd_niter applies to method pissa only and must be >= 1 (or null for exact SVD)")
+        if self.svd_niter is not None and (not m.residual or self.svd_niter < 1):
+            svd = " / ".join(n for n, x in methods.METHODS.items() if x.residual)
+            raise ValueError(f"svd_niter applies to method {svd} only and must be >= 1 (or null for exact SVD)")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {DTYPES}")
         self.target_modules = tuple(self.target_modules)
 
     def peft_init(self) -> str | bool:
-        if self.method != "pissa":
-            return True
-        return "pissa" if self.svd_niter is None else f"pissa_niter_{self.svd_niter}"
+        return methods.get(self.method).init_lora_weights(self.svd_niter)
 
     def lora_config(self, init_lora_weights: str | bool | None = None):
         from peft import LoraConfig
@@ -102,8 +95,7 @@ class InitConfig:
             lora_dropout=0.0,
             bias="none",
             task_type="CAUSAL_LM",
-            use_rslora=self.method == "rslora",
-            use_dora=self.method == "dora",
+            **methods.get(self.method).peft,
             init_lora_weights=self.peft_init() if init_lora_weights is None else init_lora_weights,
         )
 
@@ -186,7 +178,7 @@ def compute(base_path: Path, cfg: InitConfig, out: Path, log=print) -> Path:
         log(f"init layer {i}/{len(layers)} {name} ({time.time() - t:.2f}s)")
     log(f"init {cfg.method} r={cfg.rank} on {cfg.device}: {time.time() - t0:.2f}s")
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.method == "pissa":
+    if methods.get(cfg.method).residual:
         residual = {f"{name}.weight": layer.get_base_layer().weight.detach().contiguous() for name, layer in layers}
         save_file(residual, str(out / "residual.safetensors"))
     for c in peft_model.peft_config.values():
@@ -200,7 +192,7 @@ def _reuse_sibling(store, base_sha: str, cfg: InitConfig, dest: Path, log) -> bo
     (the quantization happens in lm.build_model), so QPiSSA after PiSSA (or the reverse) repeats no SVD."""
     from registry.store import CorruptArtifact
 
-    if cfg.method not in NF4_METHODS:
+    if not methods.get(cfg.method).nf4:
         return False
     for quant in BASE_QUANTS:
         if quant == cfg.base_quant:

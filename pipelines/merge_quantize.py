@@ -45,12 +45,8 @@ class QuantThresholds:
 
 
 def _default_quant() -> dict[str, QuantThresholds]:
-    # llama.cpp reports KL ~0.0014 (8-bit) and ~0.031 (4-bit) on LLaMA-3-8B. Small models quantize worse (fewer
-    # weights share each block's scale): on our 4.2M-parameter base clean merges measure nf4 KL 0.028-0.049 with
-    # top-1 0.79-0.91, int8 KL ~0.0007 with top-1 0.965-0.978. KL is the primary bound (a few times the clean value,
-    # far below a broken scale's KL >> 0.5); top-1 bounds sit below the clean spread, since near-ties flip.
-    return {"nf4": QuantThresholds(kl_mean=0.08, kl_p99=0.6, top1=0.7),
-            "int8": QuantThresholds(kl_mean=0.005, kl_p99=0.08, top1=0.93)}
+    """Each quantizer's default bounds (pipelines.lm.QUANTIZERS, where they are justified)."""
+    return {name: QuantThresholds(kl_mean=q.kl_mean, kl_p99=q.kl_p99, top1=q.top1) for name, q in lm.QUANTIZERS.items()}
 
 
 @dataclass

@@ -23,18 +23,13 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipelines import lm, manifest
+from pipelines import lm, manifest, methods
 from pipelines.data import category_counts, read_jsonl
 
-# Method-aware defaults. PiSSA starts from the principal components (large, non-zero A and B), so full LoRA learning
-# rates overshoot; it gets a lower rate and a longer warm-up. rsLoRA scales by alpha/sqrt(r) (larger than alpha/r).
-DEFAULT_LR = {"lora": 2e-3, "rslora": 1e-3, "dora": 2e-3, "pissa": 1e-3}
-DEFAULT_WARMUP = {"lora": 0.05, "rslora": 0.05, "dora": 0.05, "pissa": 0.1}
 PRECISIONS = ("auto", "fp32", "bf16")
 # Settings that change how a run is watched or made resumable, not what it computes: not part of the fingerprint.
 NOT_IDENTITY = ("checkpoint_every", "progress", "device", "fast_dora", "fast_kernels", "compile", "attention")
@@ -56,7 +51,7 @@ class HealthConfig:
 
 @dataclass
 class TrainConfig:
-    """How to train. `lr` and `warmup_ratio` default by method (see DEFAULT_LR / DEFAULT_WARMUP)."""
+    """How to train. `lr` and `warmup_ratio` default by method (pipelines.methods: Method.lr, Method.warmup)."""
 
     steps: int = 150
     """Optimizer steps."""
@@ -71,7 +66,7 @@ class TrainConfig:
     of similar-length examples (little padding). Packing pays on a GPU with long rows; a step then sees more examples,
     so fewer steps (or a smaller batch) do the same work."""
     lr: float | None = None
-    """Learning rate of A (and DoRA's magnitudes); null = the method's default (DEFAULT_LR), divided by 4 under
+    """Learning rate of A (and DoRA's magnitudes); null = the method's default (Method.lr), divided by 4 under
     LoRA+ (ratio > 1), whose B then learns at 4x the plain rate rather than 16x (16x blew the adapter past the
     delta_ratio health bound on the tiny base within 12 steps)."""
     loraplus_lr_ratio: float = 1.0
@@ -602,6 +597,7 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
 
     init_manifest = manifest.read(init_entry)
     method = init_manifest["config"]["method"]
+    spec = methods.get(method)
     rank = init_manifest["config"]["rank"]
     device, precision = resolve_device_precision(cfg)
     inputs = {
@@ -626,8 +622,8 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
         log(f"train: {out} already holds this adapter (manifest matches); reusing it")
         return Path(out)
 
-    lr = cfg.lr or (DEFAULT_LR[method] / (4 if cfg.loraplus_lr_ratio > 1 else 1))
-    warmup = cfg.warmup_ratio if cfg.warmup_ratio is not None else DEFAULT_WARMUP[method]
+    lr = cfg.lr or (spec.lr / (4 if cfg.loraplus_lr_ratio > 1 else 1))
+    warmup = cfg.warmup_ratio if cfg.warmup_ratio is not None else spec.warmup
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
@@ -637,10 +633,8 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
     model = lm.build_model(Path(base_path), Path(init_entry),
                            adapter=(Path(parent) / "adapter_native") if parent else None)
     model = prepare_precision(model.to(device), precision)
-    if method == "dora" and cfg.fast_dora:
-        from pipelines import fast_dora
-
-        fast_dora.enable(model)
+    if spec.fast_forward is not None and cfg.fast_dora:
+        spec.fast_forward(model)
     from pipelines import fast_train
 
     fast = fast_train.enable(model, device, fast_kernels=cfg.fast_kernels, compile=cfg.compile,
@@ -649,7 +643,7 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     initial = None
-    if method == "pissa" or parent is not None:
+    if spec.residual or parent is not None:  # the adapter does not start at zero: health measures from its start
         initial = {n: (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone())
                    for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
     if trainable == 0:
@@ -724,7 +718,7 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
     val_loss = evals[-1]["val_loss"] if evals else eval_loss(model, val_rows, pad_id)
     base_val = None
     with model.disable_adapter():
-        if method != "pissa":
+        if not spec.residual:  # else the adapter-less model is the residual, not the base
             base_val = eval_loss(model, val_rows, pad_id)
     health = health_report(model, initial, cfg, rank, train_loss, val_loss, best_val, trainable)
     seconds = time.time() - t0
@@ -747,13 +741,7 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
         peft_cfg.base_model_name_or_path = str(base_path)
     with manifest.staging(out) as tmp:
         model.save_pretrained(tmp / "adapter_native")
-        if method == "pissa":
-            with tempfile.TemporaryDirectory() as scratch:
-                init_copy = Path(scratch) / "pissa_init"
-                shutil.copytree(Path(init_entry) / "initial_adapter", init_copy)  # PEFT rewrites its config
-                model.save_pretrained(tmp / "adapter", path_initial_model_for_weight_conversion=str(init_copy))
-        else:
-            shutil.copytree(tmp / "adapter_native", tmp / "adapter")
+        spec.export(model, tmp, init_entry)
         _bind(tmp, method, inputs["base_sha256"], init_manifest["key"], init_entry)
         manifest.write(tmp, "adapter", config, inputs, method=method, rank=rank, metrics=metrics, curve=curve,
                        evals=evals, health=health, data={"train_categories": category_counts(train_examples)},

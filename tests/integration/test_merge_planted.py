@@ -15,10 +15,11 @@ import pytest
 
 from bench.planted_regressions import (BASE, MERGE_PLANTS, QUANT_PLANTS, SENSITIVITY_ONLY, caught_by, make_wrong_base,
                                        merge_config, plant)
+from pipelines import methods
 
 pytestmark = pytest.mark.integration
 
-METHODS = ("lora", "rslora", "dora", "pissa")
+METHODS = tuple(methods.METHODS)
 
 
 def _quiet(*_a):

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from pipelines import methods
 from train_fixtures import BASE, logits as _logits, prompt_ids as _prompt_ids, val_rows as _val_rows
 
 pytestmark = pytest.mark.integration
 
-METHODS = ("lora", "rslora", "dora", "pissa")
+METHODS = tuple(methods.METHODS)
 
 
 def _quiet(*_a):
