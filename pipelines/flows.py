@@ -6,7 +6,6 @@ help (registry calls), and events. Flow parameters are plain values (paths, dict
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import asdict
@@ -129,9 +128,8 @@ def retrain(ws: Workspace, family: str, name: str | None, init_cfg: dict, train_
     champion = reg.alias(family, "champion")
     if champion is None:
         raise RuntimeError(f"{family} has no champion to warm-start from; build and promote a first version")
-    challenger = reg.alias(family, "challenger")
-    if (skip_if_challenger_pending and challenger is not None
-            and reg.get(family, challenger).tags.get("parent_version") == champion):
+    challenger = register.pending_challenger(reg, family, champion) if skip_if_challenger_pending else None
+    if challenger is not None:
         reason = (f"skipped: challenger v{challenger}, retrained from champion v{champion}, awaits its canary "
                   f"(`adapterops rollout start`); its outcome decides what the next retrain starts from")
         _log()(f"retrain {family}: {reason}")
@@ -147,44 +145,6 @@ def retrain(ws: Workspace, family: str, name: str | None, init_cfg: dict, train_
 
 
 PREDICTION_LOG = "predictions.db"  # under the work dir: what pipelines.serve.build_state's server writes
-
-
-def _monitor_state_path(ws: Workspace, family: str) -> Path:
-    return ws.root / "monitoring" / family / "drift_state.json"
-
-
-def read_monitor_state(ws: Workspace, family: str, version: str) -> dict:
-    """Where the scheduled monitor of `family` stopped: the last prediction-log id it tested and its drift streak.
-
-    A new champion starts a fresh state: its windows are compared with its own reference, so the old streak means
-    nothing for it.
-    """
-    path = _monitor_state_path(ws, family)
-    state = json.loads(path.read_text()) if path.is_file() else {}
-    if state.get("version") != version:
-        return {"version": version, "last_id": 0, "streak": 0}
-    return state
-
-
-def write_monitor_state(ws: Workspace, family: str, state: dict) -> None:
-    path = _monitor_state_path(ws, family)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    tmp.replace(path)
-
-
-def read_window(log_path: Path, family: str, version: str, after_id: int) -> list[dict]:
-    """Requests served by `family`@`version` logged after `after_id`, oldest first (none if nothing was logged)."""
-    from monitoring.store import PredictionLog
-
-    if not Path(log_path).is_file():
-        return []
-    log = PredictionLog(log_path)
-    try:
-        return log.query(family=family, version=version, after_id=after_id)
-    finally:
-        log.close()
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
@@ -265,7 +225,9 @@ def monitor_check(ws: Workspace, family: str, drift: dict | None = None, max_win
     to the model server at `server_url` (None: $ADAPTEROPS_SERVER_URL; empty: nowhere), whose fallback policy
     engages the fallback once the drift is severe (serving/fallback.py) and resets its streak on an "ok" window.
     """
-    from monitoring.drift import ConsecutiveRule, DriftConfig, DriftResult
+    from monitoring.drift import DriftConfig
+
+    from pipelines.monitor_jobs import advance_streak, read_monitor_state, read_window, write_monitor_state
 
     ws = Workspace.coerce(ws)
     log = _log()
@@ -295,20 +257,18 @@ def monitor_check(ws: Workspace, family: str, drift: dict | None = None, max_win
     result = drift_check(fetch_reference(ws, family, version), window, cfg.as_dict(), report,
                          ws.root / PREDICTION_LOG)
     reg.client.log_artifact(reg.get(family, version).run_id, str(report), "monitoring_reports")
-    rule = ConsecutiveRule(cfg.consecutive)
-    rule.streak = state["streak"]
-    fire = rule.update(DriftResult(result["drift"], result["status"], result["reason"]))
+    fire, streak = advance_streak(state["streak"], cfg.consecutive, result)
     log(f"monitor [{family}@{version}]: {result['status']} over ids {span['first_id']}..{span['last_id']} "
-        f"(streak {rule.streak}/{cfg.consecutive}) - {result['reason']}")
+        f"(streak {streak}/{cfg.consecutive}) - {result['reason']}")
     errors = send_drift_alert(ws, family, version, result, {"window": span, "report": str(report)},
                               webhook_url) if fire else []
-    write_monitor_state(ws, family, {"version": version, "last_id": span["last_id"], "streak": rule.streak})
+    write_monitor_state(ws, family, {"version": version, "last_id": span["last_id"], "streak": streak})
     server_url = os.environ.get("ADAPTEROPS_SERVER_URL", "") if server_url is None else server_url
     fallback = report_verdict_to_server(server_url, family, version, result) if server_url else None
     if fallback is not None and not fallback["sent"]:
         log(f"monitor [{family}@{version}]: the verdict did not reach the server at {server_url} "
             f"({fallback['error']}); its fallback policy did not see this window")
-    return {**out, **result, "alert": fire, "alert_errors": errors, "window": span, "streak": rule.streak,
+    return {**out, **result, "alert": fire, "alert_errors": errors, "window": span, "streak": streak,
             "report": str(report), "fallback": fallback}
 
 

@@ -1,5 +1,9 @@
 """Monitoring jobs that schedules run: plain functions over a workspace (pipelines/flows.py wraps them in Prefect).
 
+The drift monitor's pieces (flows.monitor_check orders them): where it stopped (read_monitor_state /
+write_monitor_state: <workdir>/monitoring/<family>/drift_state.json), the window of requests logged since
+(read_window) and the streak rule that turns a drifted window into an alert (advance_streak).
+
 reference_ppl_check: the champion's perplexity on the fixed reference text (pipelines.data.REFERENCE_TEXT, measured
 as the merge stage's forgetting gate measures it), appended to a rolling history and compared with the value
 recorded for that version when it was built and promoted (monitoring.reference_ppl.decide). Alerts go to the log and
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from monitoring.reference_ppl import PplCheckConfig, PplMeasurement, append_history, decide, load_history
@@ -52,6 +57,55 @@ def text_key(text: Path, windows: int) -> str:
 
 def _state_dir(ws: Workspace, family: str) -> Path:
     return ws.root / "monitoring" / family
+
+
+def _monitor_state_path(ws: Workspace, family: str) -> Path:
+    return _state_dir(ws, family) / "drift_state.json"
+
+
+def read_monitor_state(ws: Workspace, family: str, version: str) -> dict:
+    """Where the scheduled monitor of `family` stopped: the last prediction-log id it tested and its drift streak.
+
+    A new champion starts a fresh state: its windows are compared with its own reference, so the old streak means
+    nothing for it.
+    """
+    path = _monitor_state_path(ws, family)
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    if state.get("version") != version:
+        return {"version": version, "last_id": 0, "streak": 0}
+    return state
+
+
+def write_monitor_state(ws: Workspace, family: str, state: dict) -> None:
+    path = _monitor_state_path(ws, family)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def read_window(log_path: Path, family: str, version: str, after_id: int) -> list[dict]:
+    """Requests served by `family`@`version` logged after `after_id`, oldest first (none if nothing was logged)."""
+    from monitoring.store import PredictionLog
+
+    if not Path(log_path).is_file():
+        return []
+    log = PredictionLog(log_path)
+    try:
+        return log.query(family=family, version=version, after_id=after_id)
+    finally:
+        log.close()
+
+
+def advance_streak(streak: int, consecutive: int, result: dict) -> tuple[bool, int]:
+    """(alert?, new streak) after one tested window's verdict (check_window's dict), given the streak so far:
+    monitoring.drift.ConsecutiveRule, an alert once `consecutive` windows in a row drifted."""
+    from monitoring.drift import ConsecutiveRule, DriftResult
+
+    rule = ConsecutiveRule(consecutive)
+    rule.streak = streak
+    fire = rule.update(DriftResult(result["drift"], result["status"], result["reason"]))
+    return fire, rule.streak
 
 
 def promotion_baseline(ws: Workspace, family: str, version: str, text: Path = REFERENCE_TEXT,

@@ -111,3 +111,15 @@ def _register(registry, rid, family, train_dir, merge_dir, monitoring_dir, paren
         artifacts["monitoring"] = Path(monitoring_dir)
     tags = lineage_tags(train_dir, merge_dir, parent_version, tm["data"]["train_categories"])
     return registry.register(family, rid, artifacts=artifacts, tags=tags, gates_passed=bool(mm["gates_passed"]))
+
+
+def pending_challenger(registry, family: str, champion: str) -> str | None:
+    """The challenger version retrained from `champion` that still awaits its canary, or None.
+
+    The rule behind flows.retrain's skip: while such a challenger is pending, the drift that keeps alerting against
+    the old champion is what it was trained for, and another retrain would replace it before it was ever judged.
+    """
+    challenger = registry.alias(family, "challenger")
+    if challenger is not None and registry.get(family, challenger).tags.get("parent_version") == champion:
+        return challenger
+    return None
