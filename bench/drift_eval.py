@@ -302,13 +302,13 @@ def scale(emb: dict, train_prompts: list[str], pools: dict[str, list[str]], cols
           window: int, seed: int, log=print) -> dict:
     """Per-family monitors at scale: `families` families, each with its own monitoring reference (200 rows) and
     index (1000 prompts drawn from the training prompts), `window` logged requests each (embeddings stored, half of
-    them from the new categories); one pipelines.demo.check_window per family, as flows.monitor_check runs it
+    them from the new categories); one pipelines.monitor_jobs.check_window per family, as flows.monitor_check runs it
     (query, kNN scores, the index's leave-one-out null, 5 tests, the Evidently report with the verdict)."""
     from monitoring.drift import EMBEDDING_STAT
     from monitoring.embeddings import EmbeddingIndex
     from monitoring.logit_stats import REQUEST_STATS
     from monitoring.store import PredictionLog
-    from pipelines.demo import check_window
+    from pipelines.monitor_jobs import check_window
 
     rng = np.random.default_rng(seed)
     before, after = cols["before"], cols["after"]
@@ -408,8 +408,8 @@ def main(argv: list[str] | None = None) -> None:
             "title": "Per-family drift monitors at scale",
             "description": (f"{sc['families']} families, each with its own reference (200 rows) and index (1000 "
                             f"prompts), {sc['window']} logged requests each with stored embeddings; one "
-                            "pipelines.demo.check_window per family in one process (what flows.monitor_check runs "
-                            "per family, without Prefect's and MLflow's overhead)."),
+                            "pipelines.monitor_jobs.check_window per family in one process (what flows.monitor_check "
+                            "runs per family, without Prefect's and MLflow's overhead)."),
             "command": "python -m bench.run drift_eval --only-scale",
             "rows": [{"case": f"{sc['families']} families x {sc['window']} requests", **sc}],
             "ratios": [ratio(f"all {sc['families']} family checks / the monitor interval ({interval} s)",

@@ -15,8 +15,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from monitoring.drift import DriftConfig
 from pipelines.config import CONFIG_DIR, from_dict, load_yaml
 from pipelines.data import CATEGORIES_AFTER, CATEGORIES_BEFORE, load_bitext, splits, write_jsonl
@@ -92,41 +90,6 @@ def window_rows(log, family: str, after_id: int) -> tuple[list[dict], int]:
     log.flush()
     rows = log.query(family=family, after_id=after_id)
     return rows, (rows[-1]["id"] if rows else after_id)
-
-
-def check_window(reference_dir: Path, rows: list[dict], cfg: DriftConfig, encoder, report: Path, log=None) -> dict:
-    """The drift decision for one window of served requests against a version's monitoring reference, plus its
-    Evidently report. Rows that carry a stored embedding (PredictionLog.query's "embedding") are not embedded
-    again; the others are embedded once here and, with `log` (the PredictionLog they came from), written back so
-    no later check embeds them. Both the decision and the report use the same per-request scores."""
-    import pandas as pd
-    from monitoring.check import EMBEDDING_STATS, check_windows, fill_embeddings, load_jsonl
-    from monitoring.embeddings import EmbeddingIndex
-    from monitoring.logit_stats import REQUEST_STATS
-    from monitoring.report import write_evidently_report
-
-    reference = load_jsonl(Path(reference_dir) / "reference.jsonl")
-    index = EmbeddingIndex.load(Path(reference_dir) / "train_index.npy")
-    rows = fill_embeddings(rows, encoder, log)
-    current = [{k: v for k, v in r.items() if k != "embedding"} for r in rows]
-    have = [i for i, r in enumerate(rows) if r.get("embedding") is not None]
-    if have:
-        scores = index.neighbour_stats(np.stack([rows[i]["embedding"] for i in have]), cfg.novelty_k)
-        for stat, values in zip(EMBEDDING_STATS, scores):
-            for i, v in zip(have, values):
-                current[i][stat] = float(v)
-    result = check_windows(reference, [current], cfg, encoder=encoder, index=index)[0].as_dict()
-    cols = list(REQUEST_STATS) + list(EMBEDDING_STATS)
-    versions = sorted({str(r["version"]) for r in rows if r.get("version") is not None})
-    stamps = [r["ts"] for r in rows if r.get("ts") is not None]
-    ids = [r["id"] for r in rows if r.get("id") is not None]
-    window = {"n": len(rows), "first_ts": min(stamps, default=None), "last_ts": max(stamps, default=None),
-              "first_id": min(ids, default=None), "last_id": max(ids, default=None)}
-    decision = {**result, "version": ",".join(versions) or None, "window": window, "config": cfg.as_dict()}
-    write_evidently_report(pd.DataFrame([{k: r.get(k) for k in cols} for r in reference], dtype=float),
-                           pd.DataFrame([{k: r.get(k) for k in cols} for r in current], dtype=float),
-                           report, title=f"drift report: {report.stem}", decision=decision)
-    return result
 
 
 def alert_records(phase: str, result: dict) -> list[dict]:

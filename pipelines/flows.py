@@ -156,12 +156,12 @@ def fetch_reference(ws: Workspace, family: str, version: str) -> Path:
 @task(cache_policy=NO_CACHE)
 def drift_check(reference_dir: Path, rows: list[dict], drift_cfg: dict, report: Path,
                 log_path: Path | None = None) -> dict:
-    """pipelines.demo.check_window on a window read from the prediction log at `log_path`: the rows' stored
+    """pipelines.monitor_jobs.check_window on a window read from the prediction log at `log_path`: the rows' stored
     embeddings are reused, the missing ones embedded once and written back there."""
     from monitoring.drift import DriftConfig
     from monitoring.embeddings import load_encoder
     from monitoring.store import PredictionLog
-    from pipelines.demo import check_window
+    from pipelines.monitor_jobs import check_window
 
     cfg = from_dict(DriftConfig, drift_cfg, "drift")
     encoder = load_encoder() if any(r.get("embedding") is None for r in rows) else None
@@ -215,8 +215,8 @@ def monitor_check(ws: Workspace, family: str, drift: dict | None = None, max_win
                   webhook_url: str = "", server_url: str | None = None) -> dict:
     """One scheduled drift check of `family`'s champion: the requests logged since the previous check against the
     champion's monitoring reference (KS, embedding similarity and the novelty tail count, Holm;
-    pipelines.demo.check_window). Prompt embeddings stored in the prediction log are reused; the missing ones are
-    embedded once and written back.
+    pipelines.monitor_jobs.check_window). Prompt embeddings stored in the prediction log are reused; the missing ones
+    are embedded once and written back.
 
     A window below `drift.min_window` requests is "insufficient_data": no alert, and it stays open (the next check
     sees these requests plus newer ones). A larger one is tested on its newest `max_window` requests and closed. An
@@ -336,7 +336,8 @@ def demo(cfg, ws: Workspace, summary_json: Path, engine=None) -> dict:
     from monitoring.embeddings import load_encoder
     from pipelines import traffic
     from pipelines.data import read_jsonl, sample
-    from pipelines.demo import alert_records, check_window, prepare_data, summary_table, window_rows, write_summary
+    from pipelines.demo import alert_records, prepare_data, summary_table, window_rows, write_summary
+    from pipelines.monitor_jobs import check_window
 
     log = _log()
     clock = _Clock()

@@ -2,7 +2,8 @@
 
 The drift monitor's pieces (flows.monitor_check orders them): where it stopped (read_monitor_state /
 write_monitor_state: <workdir>/monitoring/<family>/drift_state.json), the window of requests logged since
-(read_window) and the streak rule that turns a drifted window into an alert (advance_streak).
+(read_window), its verdict and Evidently report against the version's monitoring reference (check_window) and the
+streak rule that turns a drifted window into an alert (advance_streak).
 
 reference_ppl_check: the champion's perplexity on the fixed reference text (pipelines.data.REFERENCE_TEXT, measured
 as the merge stage's forgetting gate measures it), appended to a rolling history and compared with the value
@@ -20,6 +21,7 @@ import json
 import os
 from pathlib import Path
 
+from monitoring.drift import DriftConfig
 from monitoring.reference_ppl import PplCheckConfig, PplMeasurement, append_history, decide, load_history
 from pipelines.data import REFERENCE_TEXT
 from pipelines.workspace import Workspace
@@ -95,6 +97,42 @@ def read_window(log_path: Path, family: str, version: str, after_id: int) -> lis
         return log.query(family=family, version=version, after_id=after_id)
     finally:
         log.close()
+
+
+def check_window(reference_dir: Path, rows: list[dict], cfg: DriftConfig, encoder, report: Path, log=None) -> dict:
+    """The drift decision for one window of served requests against a version's monitoring reference, plus its
+    Evidently report. Rows that carry a stored embedding (PredictionLog.query's "embedding") are not embedded
+    again; the others are embedded once here and, with `log` (the PredictionLog they came from), written back so
+    no later check embeds them. Both the decision and the report use the same per-request scores."""
+    import numpy as np
+    import pandas as pd
+    from monitoring.check import EMBEDDING_STATS, check_windows, fill_embeddings, load_jsonl
+    from monitoring.embeddings import EmbeddingIndex
+    from monitoring.logit_stats import REQUEST_STATS
+    from monitoring.report import write_evidently_report
+
+    reference = load_jsonl(Path(reference_dir) / "reference.jsonl")
+    index = EmbeddingIndex.load(Path(reference_dir) / "train_index.npy")
+    rows = fill_embeddings(rows, encoder, log)
+    current = [{k: v for k, v in r.items() if k != "embedding"} for r in rows]
+    have = [i for i, r in enumerate(rows) if r.get("embedding") is not None]
+    if have:
+        scores = index.neighbour_stats(np.stack([rows[i]["embedding"] for i in have]), cfg.novelty_k)
+        for stat, values in zip(EMBEDDING_STATS, scores):
+            for i, v in zip(have, values):
+                current[i][stat] = float(v)
+    result = check_windows(reference, [current], cfg, encoder=encoder, index=index)[0].as_dict()
+    cols = list(REQUEST_STATS) + list(EMBEDDING_STATS)
+    versions = sorted({str(r["version"]) for r in rows if r.get("version") is not None})
+    stamps = [r["ts"] for r in rows if r.get("ts") is not None]
+    ids = [r["id"] for r in rows if r.get("id") is not None]
+    window = {"n": len(rows), "first_ts": min(stamps, default=None), "last_ts": max(stamps, default=None),
+              "first_id": min(ids, default=None), "last_id": max(ids, default=None)}
+    decision = {**result, "version": ",".join(versions) or None, "window": window, "config": cfg.as_dict()}
+    write_evidently_report(pd.DataFrame([{k: r.get(k) for k in cols} for r in reference], dtype=float),
+                           pd.DataFrame([{k: r.get(k) for k in cols} for r in current], dtype=float),
+                           report, title=f"drift report: {report.stem}", decision=decision)
+    return result
 
 
 def advance_streak(streak: int, consecutive: int, result: dict) -> tuple[bool, int]:

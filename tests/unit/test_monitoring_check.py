@@ -275,11 +275,11 @@ def test_log_window_reuses_stored_embeddings_and_backfills_missing_ones(tmp_path
 
 
 def test_check_window_reuses_stored_embeddings_writes_back_the_rest_and_tests_novelty(tmp_path, monkeypatch):
-    """The production monitor path (flows.monitor_check -> pipelines.demo.check_window): prompts with a stored
+    """The production monitor path (flows.monitor_check -> pipelines.monitor_jobs.check_window): prompts with a stored
     embedding are never embedded again, the missing ones once, and those are written back to the log."""
     import monitoring.report
     from monitoring.store import PredictionLog
-    from pipelines.demo import check_window
+    from pipelines.monitor_jobs import check_window
 
     reports = []
     monkeypatch.setattr(monitoring.report, "write_evidently_report",
