@@ -73,7 +73,7 @@ def workspace_parameter(env: Mapping[str, str]) -> dict:
 
 def _config(env: Mapping[str, str]):
     from pipelines.config import CONFIG_DIR
-    from pipelines.demo import load_config
+    from pipelines.lifecycle import load_config
 
     return load_config(Path(env.get("ADAPTEROPS_RETRAIN_CONFIG", str(CONFIG_DIR / "demo.yaml"))))
 

@@ -47,7 +47,7 @@ def _prefect_env(workdir: str) -> None:
 
 
 def cmd_demo(args) -> int:
-    from pipelines.demo import load_config
+    from pipelines.lifecycle import load_config
 
     _check_text_file(args.config, "--config", "a UTF-8 YAML file (see configs/demo.yaml)")
     cfg = load_config(args.config)  # validate before creating anything or the slow imports
@@ -414,7 +414,7 @@ def cmd_monitor_check(args) -> int:
 def cmd_retrain(args) -> int:
     from dataclasses import asdict
 
-    from pipelines.demo import load_config
+    from pipelines.lifecycle import load_config
 
     _check_text_file(args.config, "--config", "a UTF-8 YAML file (see configs/demo.yaml)")
     cfg = load_config(args.config)
@@ -446,7 +446,7 @@ def cmd_schedules(args) -> int:
     for flag, value in (("--monitor-interval", args.monitor_interval), ("--ppl-interval", args.ppl_interval)):
         if value < 1:
             raise CliError(f"{flag} must be at least 1 second, got {value}")
-    from pipelines.demo import load_config
+    from pipelines.lifecycle import load_config
 
     _check_text_file(args.config, "--config", "a UTF-8 YAML file (see configs/demo.yaml)")
     cfg = load_config(args.config)  # validate before starting anything

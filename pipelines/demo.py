@@ -1,4 +1,5 @@
-"""The demo's configuration and its plain (Prefect-free) pieces; the flow that chains them is flows.demo.
+"""The demo's plain (Prefect-free) pieces; the flow that chains them is flows.demo, its configuration is the
+lifecycle's (pipelines/lifecycle.py: LifecycleConfig, re-exported here as DemoConfig).
 
 Run:  adapterops demo --workdir work/demo --summary-json work/demo/summary.json [--config configs/demo.yaml]
 
@@ -12,60 +13,13 @@ check merge fidelity and forgetting, not answer relevance, but loses the canary 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from monitoring.drift import DriftConfig
-from pipelines.config import CONFIG_DIR, from_dict, load_yaml
 from pipelines.data import CATEGORIES_AFTER, CATEGORIES_BEFORE, load_bitext, splits, write_jsonl
-from pipelines.init_cache import InitConfig
-from pipelines.merge_quantize import MergeConfig
-from pipelines.train import TrainConfig
-from serving.rollout import RolloutConfig
+from pipelines.lifecycle import DEFAULT_CONFIG, LifecycleConfig, TrafficConfig, load_config  # noqa: F401
 
-DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
-
-
-@dataclass
-class TrafficConfig:
-    before_requests: int = 150
-    """Requests per monitoring window; the KS tests need >= min_window of them."""
-    after_requests: int = 150
-    canary_max_requests: int = 400
-    """Upper bound of requests sent while a canary runs (it normally ends sooner)."""
-    clients: int = 4
-    max_tokens: int = 16
-
-
-@dataclass
-class DemoConfig:
-    family: str = "support-assistant"
-    base: str = "models/tiny-llama"
-    init: InitConfig = field(default_factory=InitConfig)
-    train_v1: TrainConfig = field(default_factory=TrainConfig)
-    retrain: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
-    bad: TrainConfig = field(default_factory=lambda: TrainConfig(steps=60))
-    merge: MergeConfig = field(default_factory=MergeConfig)
-    replay_ratio: float = 0.2
-    replay_strategy: str = "category_balanced"
-    reference_prompts: int = 200
-    drift: DriftConfig = field(default_factory=DriftConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    traffic: TrafficConfig = field(default_factory=TrafficConfig)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        from pipelines.replay import STRATEGIES
-
-        if not 0 <= self.replay_ratio < 1:
-            raise ValueError(f"replay_ratio must be in [0, 1), got {self.replay_ratio}")
-        if self.replay_strategy not in STRATEGIES:
-            raise ValueError(f"replay_strategy {self.replay_strategy!r} is not one of {', '.join(STRATEGIES)}")
-
-
-def load_config(path: Path | None) -> DemoConfig:
-    path = Path(path) if path else DEFAULT_CONFIG
-    return from_dict(DemoConfig, load_yaml(path), where=str(path))
+DemoConfig = LifecycleConfig
+"""The demo runs on the lifecycle's configuration (pipelines/lifecycle.py); the old name stays importable."""
 
 
 def prepare_data(root: Path, seed: int = 0) -> dict[str, dict[str, Path]]:

@@ -94,3 +94,11 @@ def test_stages_do_not_import_each_other():
 
 def test_lm_imports_no_stage():
     assert not import_graph()["lm"] & set(STAGES), "pipelines/lm.py must not import a stage"
+
+
+def test_the_demo_keeps_its_config_names():
+    """The lifecycle config lives in pipelines/lifecycle.py; pipelines.demo's old names stay importable."""
+    from pipelines import demo, lifecycle
+
+    assert demo.DemoConfig is lifecycle.LifecycleConfig and demo.load_config is lifecycle.load_config
+    assert demo.TrafficConfig is lifecycle.TrafficConfig
