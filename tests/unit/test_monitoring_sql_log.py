@@ -36,9 +36,9 @@ def test_round_trip_feedback_embeddings_across_two_logs(url):
     a, b = SQLPredictionLog(url), SQLPredictionLog(url)
     try:
         a.log(_rec(0, embedding=np.arange(4, dtype=np.float32)))
+        a.flush()  # two writer threads: without this, b's rows may land first (ids follow the write order)
         b.log(_rec(1, version="4"))
         b.log(_rec(2, family="other", route=None, error="timeout", prompt="nul \x00 and \ud800"))
-        a.flush()
         b.flush()
         rows = a.query()
         assert [r["request_id"] for r in rows] == ["r0", "r1", "r2"]
