@@ -32,7 +32,7 @@ def _workspace(args, base=None):
     return Workspace.create(Path(args.workdir), Path(base or getattr(args, "base", DEFAULT_BASE)),
                             tracking_uri=profile.tracking_uri,
                             init_store_uri=getattr(args, "store", "") or profile.init_store_uri,
-                            s3_endpoint_url=profile.s3_endpoint_url)
+                            s3_endpoint_url=profile.s3_endpoint_url, state_db_url=profile.state_db_url)
 
 
 # -- demo --------------------------------------------------------------------------------------------------------

@@ -144,7 +144,7 @@ def retrain(ws: Workspace, family: str, name: str | None, init_cfg: dict, train_
     return {**summary, "parent_version": champion, "replay_ratio": replay_ratio}
 
 
-PREDICTION_LOG = "predictions.db"  # under the work dir: what pipelines.serve.build_state's server writes
+PREDICTION_LOG = "predictions.db"  # under the work dir (local profile); Workspace.prediction_log_target
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
@@ -160,15 +160,18 @@ def drift_check(reference_dir: Path, rows: list[dict], drift_cfg: dict, report: 
     embeddings are reused, the missing ones embedded once and written back there."""
     from monitoring.drift import DriftConfig
     from monitoring.embeddings import load_encoder
-    from monitoring.store import PredictionLog
+    from monitoring.sql_log import open_prediction_log
     from pipelines.monitor_jobs import check_window
 
     cfg = from_dict(DriftConfig, drift_cfg, "drift")
     encoder = load_encoder() if any(r.get("embedding") is None for r in rows) else None
-    if log_path is None or not Path(log_path).is_file():
+    if log_path is None or ("://" not in str(log_path) and not Path(log_path).is_file()):
         return check_window(reference_dir, rows, cfg, encoder, report)
-    with PredictionLog(log_path) as log:
+    log = open_prediction_log(log_path)  # the file, or the database the serving replicas share
+    try:
         return check_window(reference_dir, rows, cfg, encoder, report, log=log)
+    finally:
+        log.close()
 
 
 def alert_sinks(ws: Workspace, webhook_url: str = "") -> list:
@@ -243,7 +246,7 @@ def monitor_check(ws: Workspace, family: str, drift: dict | None = None, max_win
         log(f"monitor [{family}]: insufficient_data - {reason}")
         return {**out, "status": "insufficient_data", "reason": reason}
     state = read_monitor_state(ws, family, version)
-    rows = read_window(ws.root / PREDICTION_LOG, family, version, state["last_id"])
+    rows = read_window(ws.prediction_log_target, family, version, state["last_id"])
     if len(rows) < cfg.min_window:
         reason = (f"{len(rows)} requests to {family}@{version} logged since the last tested window (after id "
                   f"{state['last_id']}); min_window={cfg.min_window}: no test, no alert, the window stays open")
@@ -255,7 +258,7 @@ def monitor_check(ws: Workspace, family: str, drift: dict | None = None, max_win
             "skipped": len(rows) - len(window)}
     report = ws.root / "reports" / family / f"monitor-v{version}-{span['last_id']}.html"
     result = drift_check(fetch_reference(ws, family, version), window, cfg.as_dict(), report,
-                         ws.root / PREDICTION_LOG)
+                         ws.prediction_log_target)
     reg.client.log_artifact(reg.get(family, version).run_id, str(report), "monitoring_reports")
     fire, streak = advance_streak(state["streak"], cfg.consecutive, result)
     log(f"monitor [{family}@{version}]: {result['status']} over ids {span['first_id']}..{span['last_id']} "

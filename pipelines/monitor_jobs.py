@@ -86,13 +86,15 @@ def write_monitor_state(ws: Workspace, family: str, state: dict) -> None:
     tmp.replace(path)
 
 
-def read_window(log_path: Path, family: str, version: str, after_id: int) -> list[dict]:
-    """Requests served by `family`@`version` logged after `after_id`, oldest first (none if nothing was logged)."""
-    from monitoring.store import PredictionLog
+def read_window(log_path: Path | str, family: str, version: str, after_id: int) -> list[dict]:
+    """Requests served by `family`@`version` logged after `after_id`, oldest first (none if nothing was logged).
+    log_path: the work dir's SQLite file, or the database URL the serving replicas share (Workspace.
+    prediction_log_target)."""
+    from monitoring.sql_log import open_prediction_log
 
-    if not Path(log_path).is_file():
+    if "://" not in str(log_path) and not Path(log_path).is_file():
         return []
-    log = PredictionLog(log_path)
+    log = open_prediction_log(log_path)
     try:
         return log.query(family=family, version=version, after_id=after_id)
     finally:

@@ -289,6 +289,9 @@ class ControlPlane:
             self._poller = None
         if self.state.rollout is not None:
             self.state.rollout.flush()  # samples since the last periodic save survive a clean shutdown
+            close = getattr(self.state.rollout, "close", None)  # a shared controller hands its driver lease over
+            if close is not None:
+                close()
 
     @property
     def tokenizer(self):
@@ -411,8 +414,22 @@ class ControlPlane:
     # ------------------------------------------------------------------ rollout, fallback <-> router
 
     def sync_router(self, family: str) -> None:
+        """Route by the canary controller's weights. A canary started on another replica (shared rollout state)
+        may name versions this server has not loaded yet: they are loaded (verified) first; a challenger that
+        cannot be gets no traffic here, a champion that cannot be keeps the route as it was."""
         st = self.state
         champion, challenger, weight = st.rollout.weight(family)
+        for name, version in (("champion", champion), ("challenger", challenger)):
+            if version is None:
+                continue
+            try:
+                self.ensure_version(family, version)
+            except Exception as exc:
+                log.error("cannot load %s %s@%s that the rollout routes to: %s: %s", name, family, version,
+                          type(exc).__name__, exc)
+                if name == "champion":
+                    return
+                challenger, weight = None, 0.0
         if champion is not None:
             st.router.set(family, champion, challenger, weight)
             self.metrics.rollout_weight.labels(family).set(weight)

@@ -73,8 +73,8 @@ class Replica:
 
     def kill(self, release_lease: bool = False) -> None:
         """Stop the server and the controller; without release the lease is left to expire, as on a crash."""
+        self.ctl.close(release_lease=release_lease)  # first: the server's shutdown would hand the lease over
         self.stack.close()
-        self.ctl.close(release_lease=release_lease)
         self.state.log.close()
         self.state.engine.close()
 
