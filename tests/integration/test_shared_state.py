@@ -279,3 +279,22 @@ def test_replicas_racing_to_start_get_one_canary(db_url):
     finally:
         for c in ctls:
             c.close()
+
+
+def test_a_replica_that_cannot_load_the_canarys_challenger_keeps_its_users_on_the_champion(db_url, adapters):
+    """A canary started on A names a version B has never loaded and cannot fetch (no registry here): B routes
+    none of its traffic to it (no 503s) while A runs the canary; with a registry B would load it, verified."""
+    a = start_replica("replica-a2", db_url, adapters)
+    b = start_replica("replica-b2", db_url, {"1": adapters["1"]})
+    try:
+        r = a.client.post("/admin/rollout/start", json={"family": FAM, "challenger": "2"}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        wait_for("B to see the canary", lambda: b.ctl.weight(FAM) == ("1", "2", 0.5))
+        assert b.state.router.get(FAM).challenger is None and b.state.router.get(FAM).champion == "1"
+        assert {b.complete(f"user-{i}")["adapterops"]["version"] for i in range(12)} == {"1"}
+        assert "2" in {a.complete(f"user-{i}")["adapterops"]["version"] for i in range(12)}
+        r = a.client.post("/admin/rollout/abort", json={"family": FAM, "reason": "test over"}, headers=AUTH)
+        assert r.status_code == 200, r.text
+    finally:
+        a.kill(release_lease=True)
+        b.kill(release_lease=True)
