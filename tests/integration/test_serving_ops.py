@@ -147,7 +147,7 @@ def bad_canary(route, i):
 
 
 def test_gradual_rollback_steps_down_across_restarts_and_clears_the_challenger(ws, family):
-    cfg = RolloutConfig(steps=(0.25, 0.5, 1.0), requests_per_step=12, min_samples=4)
+    cfg = RolloutConfig(steps=(0.25, 0.5, 1.0), requests_per_step=24, min_samples=4)
     reg = ws.registry()
 
     def server():
