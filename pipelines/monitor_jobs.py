@@ -1,9 +1,17 @@
 """Monitoring jobs that schedules run: plain functions over a workspace (pipelines/flows.py wraps them in Prefect).
 
 The drift monitor's pieces (flows.monitor_check orders them): where it stopped (read_monitor_state /
-write_monitor_state: <workdir>/monitoring/<family>/drift_state.json), the window of requests logged since
-(read_window), its verdict and Evidently report against the version's monitoring reference (check_window) and the
-streak rule that turns a drifted window into an alert (advance_streak).
+write_monitor_state), the window of requests logged since (read_window), its verdict and Evidently report against
+the version's monitoring reference (check_window) and the streak rule that turns a drifted window into an alert
+(advance_streak).
+
+Where the monitor's state (last tested id, drift streak) lives follows the prediction log: with the workspace's
+state database (Workspace.state_db_url / ADAPTEROPS_STATE_DB_URL, PostgreSQL in production, or sqlite:///path) a
+`monitor_state` table there, one row per family, so every worker that runs a family's check continues the one
+streak; without it <workdir>/monitoring/<family>/drift_state.json (the local default, one worker). A write never
+moves a family's window backwards for the same champion (a worker that tested an older window does not undo a
+newer one). Prefect's per-deployment concurrency limit keeps two checks of one family from running at once; the
+table only makes the state they hand over shared.
 
 reference_ppl_check: the champion's perplexity on the fixed reference text (pipelines.data.REFERENCE_TEXT, measured
 as the merge stage's forgetting gate measures it), appended to a rolling history and compared with the value
@@ -19,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 from monitoring.drift import DriftConfig
@@ -69,21 +79,123 @@ def read_monitor_state(ws: Workspace, family: str, version: str) -> dict:
     """Where the scheduled monitor of `family` stopped: the last prediction-log id it tested and its drift streak.
 
     A new champion starts a fresh state: its windows are compared with its own reference, so the old streak means
-    nothing for it.
+    nothing for it. With ws.state_db_url the state is the family's row of the shared `monitor_state` table.
     """
-    path = _monitor_state_path(ws, family)
-    state = json.loads(path.read_text()) if path.is_file() else {}
+    if ws.state_db_url:
+        state = _StateDB.get(ws.state_db_url).read(family)
+    else:
+        path = _monitor_state_path(ws, family)
+        state = json.loads(path.read_text()) if path.is_file() else {}
     if state.get("version") != version:
         return {"version": version, "last_id": 0, "streak": 0}
-    return state
+    return {"version": state["version"], "last_id": int(state["last_id"]), "streak": int(state["streak"])}
 
 
-def write_monitor_state(ws: Workspace, family: str, state: dict) -> None:
+def write_monitor_state(ws: Workspace, family: str, state: dict) -> bool:
+    """Record where the monitor of `family` stopped ({"version", "last_id", "streak"}). Returns False (nothing
+    written) when the shared table already holds a later window of the same version, written by another worker."""
+    if ws.state_db_url:
+        return _StateDB.get(ws.state_db_url).write(family, state)
     path = _monitor_state_path(ws, family)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(state, indent=2) + "\n")
     tmp.replace(path)
+    return True
+
+
+class MonitorStateUnavailable(RuntimeError):
+    """The state database that holds the monitors' drift streaks cannot be reached (or refused the operation)."""
+
+
+class _StateDB:
+    """The `monitor_state` table on a database URL (SQLAlchemy Core, the engine settings of monitoring.sql_log:
+    bounded connect, pool and statement waits). One instance per URL and process."""
+
+    _open: dict[str, "_StateDB"] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, url: str, connect_timeout_s: float = 5.0, statement_timeout_s: float = 30.0):
+        import sqlalchemy as sa
+        from monitoring.sql_log import describe, make_db_engine
+
+        self.url, self.name = url, describe(url)
+        self._engine = make_db_engine(url, connect_timeout_s, statement_timeout_s)
+        md = sa.MetaData()
+        self.table = sa.Table(
+            "monitor_state", md,
+            sa.Column("family", sa.Text, primary_key=True),
+            sa.Column("version", sa.Text, nullable=False),
+            sa.Column("last_id", sa.BigInteger, nullable=False),
+            sa.Column("streak", sa.Integer, nullable=False),
+            sa.Column("updated_ts", sa.Float(53), nullable=False),
+            sa.Column("updated_by", sa.Text, nullable=False),
+        )
+        try:
+            md.create_all(self._engine, checkfirst=True)
+        except (sa.exc.IntegrityError, sa.exc.ProgrammingError):  # another worker created it between check and CREATE
+            if not sa.inspect(self._engine).has_table("monitor_state"):
+                raise
+        except sa.exc.SQLAlchemyError as e:
+            self._engine.dispose()
+            raise self._unavailable("creating the monitor_state table", e) from None
+
+    @classmethod
+    def get(cls, url: str) -> "_StateDB":
+        with cls._lock:
+            if url not in cls._open:
+                cls._open[url] = cls(url)
+            return cls._open[url]
+
+    def _unavailable(self, what: str, e: Exception) -> MonitorStateUnavailable:
+        orig = getattr(e, "orig", None) or e
+        return MonitorStateUnavailable(
+            f"monitor state database {self.name} is unreachable ({what}): {type(orig).__name__}: "
+            f"{' '.join(str(orig).split())[:300]}; check that the server is up and state_db_url / "
+            "ADAPTEROPS_STATE_DB_URL is right (unset it to keep the state in <workdir>/monitoring, one worker)")
+
+    def _run(self, what: str, fn):
+        import sqlalchemy as sa
+
+        try:
+            with self._engine.begin() as conn:
+                return fn(conn)
+        except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError) as e:
+            raise self._unavailable(what, e) from None
+
+    def read(self, family: str) -> dict:
+        import sqlalchemy as sa
+
+        t = self.table
+        stmt = sa.select(t.c.version, t.c.last_id, t.c.streak).where(t.c.family == family)
+        row = self._run(f"reading {family}'s state", lambda conn: conn.execute(stmt).first())
+        return {} if row is None else {"version": row.version, "last_id": row.last_id, "streak": row.streak}
+
+    def write(self, family: str, state: dict) -> bool:
+        import socket
+
+        import sqlalchemy as sa
+
+        t = self.table
+        values = {"version": str(state["version"]), "last_id": int(state["last_id"]), "streak": int(state["streak"]),
+                  "updated_ts": time.time(), "updated_by": f"{socket.gethostname()}:{os.getpid()}"}
+        # one statement, so it is atomic on every backend: a new champion replaces the row; the same champion's
+        # window only moves forward
+        update = t.update().where(t.c.family == family, sa.or_(t.c.version != values["version"],
+                                                                t.c.last_id <= values["last_id"])).values(**values)
+
+        def upsert(conn) -> bool:
+            if conn.execute(update).rowcount:
+                return True
+            if conn.execute(sa.select(t.c.family).where(t.c.family == family)).first() is not None:
+                return False  # a later window of this version is already recorded
+            conn.execute(t.insert().values(family=family, **values))
+            return True
+
+        try:
+            return self._run(f"writing {family}'s state", upsert)
+        except sa.exc.IntegrityError:  # another worker inserted the family's first row meanwhile
+            return self._run(f"writing {family}'s state", lambda conn: bool(conn.execute(update).rowcount))
 
 
 def read_window(log_path: Path | str, family: str, version: str, after_id: int) -> list[dict]:
