@@ -16,40 +16,30 @@ refused (`check_versions`).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from common.atomic import write_json
+from common.jsonl import read_jsonl
 from monitoring.drift import EMBEDDING_STAT, NOVELTY_STAT, DriftConfig, DriftResult, detect
 from monitoring.embeddings import EmbeddingIndex, embed, load_encoder
 
 
+def _request_row(row) -> dict:
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object per line, got {type(row).__name__}")
+    if not isinstance(row.get("prompt"), str):
+        raise ValueError(f'row has no string "prompt" (keys: {sorted(row)}); every request row needs the prompt text')
+    return row
+
+
 def load_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file; blank lines are skipped. Each row must be an object with a string "prompt"."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"JSONL file {path} does not exist")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); fix or remove "
-                                 "that line") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            if not isinstance(row.get("prompt"), str):
-                raise ValueError(f'{path}:{lineno}: row has no string "prompt" (keys: {sorted(row)}); every '
-                                 'request row needs the prompt text')
-            rows.append(row)
-    return rows
+    """Rows of a JSONL file (common.jsonl's reader); blank lines are skipped. Each row must be an object with a
+    string "prompt"; a bad line raises ValueError naming `path:line`."""
+    return read_jsonl(path, _request_row)
 
 
 def rows_to_columns(rows: list[dict], stats) -> dict[str, np.ndarray]:
@@ -314,18 +304,8 @@ def run_check(reference: Path, currents: list[Path], json_out: Path, index_promp
     if len(results) == 1:
         only = out["results"][0]
         out.update(current=only["current"], status=only["status"], reason=only["reason"], tests=only["tests"])
-    _write_json_atomic(Path(json_out), out)
+    write_json(Path(json_out), out, allow_nan=False)
     return out
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.atomic import atomic_open
 _ENCODERS: dict[str, object] = {}
 _ENCODER_LOCK = threading.Lock()
 
@@ -184,12 +185,8 @@ class EmbeddingIndex:
 
     def save(self, path: Path) -> None:
         """Write the rows as a plain .npy file (no pickle), atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_open(path, "wb") as f:
             np.save(f, self.embeddings, allow_pickle=False)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> "EmbeddingIndex":

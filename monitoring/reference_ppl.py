@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from common.atomic import write_text
+from common.jsonl import JsonlError, read_jsonl
 
 STATUSES = ("ok", "alert", "insufficient_data")
 
@@ -143,21 +145,17 @@ def load_history(path: Path, family: str | None = None) -> list[PplMeasurement]:
     path = Path(path)
     if not path.is_file():
         return []
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                m = PplMeasurement(d["family"], d["version"], math.nan if d["perplexity"] is None else d["perplexity"],
-                                   d["text_sha256"], d["ts"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{lineno}: not a reference-perplexity record ({e}); fix or remove that "
-                                 "line") from None
-            if family is None or m.family == family:
-                out.append(m)
-    return out
+    try:
+        rows = read_jsonl(path, _measurement)
+    except JsonlError as e:
+        raise ValueError(f"{path}:{e.lineno}: not a reference-perplexity record ({e.json_error or e.detail}); fix "
+                         "or remove that line") from None
+    return [m for m in rows if family is None or m.family == family]
+
+
+def _measurement(d: dict) -> PplMeasurement:
+    return PplMeasurement(d["family"], d["version"], math.nan if d["perplexity"] is None else d["perplexity"],
+                          d["text_sha256"], d["ts"])
 
 
 def append_history(path: Path, m: PplMeasurement, keep: int = 1000) -> None:
@@ -166,10 +164,4 @@ def append_history(path: Path, m: PplMeasurement, keep: int = 1000) -> None:
     lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
     lines = [ln for ln in lines if ln.strip()][-(keep - 1):] if keep > 1 else []
     lines.append(json.dumps(m.as_dict(), sort_keys=True, allow_nan=False))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(path, "\n".join(lines) + "\n")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from common.atomic import write_text
 from monitoring.drift import EMBEDDING_STAT, NOVELTY_STAT
 from monitoring.logit_stats import REQUEST_STATS
 
@@ -103,9 +104,4 @@ def write_evidently_report(reference: pd.DataFrame, current: pd.DataFrame, path:
         page = page.replace("<body>", "<body>\n" + decision_html(decision), 1) if "<body>" in page else \
             decision_html(decision) + page
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, page)

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
-import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from common.atomic import write_json
+from common.jsonl import read_jsonl
+from pipelines.manifest import staging
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -86,11 +88,7 @@ def load_documents(cfg: BaseBuildConfig) -> tuple[list[tuple[str, str]], dict[st
         hashes[str(p.relative_to(REPO_ROOT) if p.is_relative_to(REPO_ROOT) else p)] = _sha256_file(p)
     if cfg.dialogue_file:
         dpath = REPO_ROOT / cfg.dialogue_file
-        lines = []
-        with open(dpath, encoding="utf-8") as f:
-            for line in f:
-                row = json.loads(line)
-                lines.append(f"User: {row['user']}\nAssistant: {row['system']}\n")
+        lines = read_jsonl(dpath, lambda row: f"User: {row['user']}\nAssistant: {row['system']}\n")
         docs.append((dpath.name, "\n".join(lines)))
         hashes[cfg.dialogue_file] = _sha256_file(dpath)
     return docs, hashes
@@ -187,27 +185,21 @@ def unigram_nll(train_stream, held_stream, vocab_size: int) -> float:
     return float(-logp[held_stream].mean())
 
 
-def build(cfg: BaseBuildConfig, out: Path, device: str = "auto", log=print) -> dict:
-    """Pretrain and write `out` (model, tokenizer, manifest.json). Returns the manifest."""
+def lr_schedule(cfg: BaseBuildConfig):
+    """Linear warm-up to cfg.lr, then cosine decay to 10% of it."""
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return lr_at
+
+
+def pretrain(model, cfg: BaseBuildConfig, train_stream, held_stream, device: str, log=print) -> dict:
+    """AdamW on random windows of the training stream; the held-out NLL every eval_every steps. Returns
+    {"best_nll", "best_state" (CPU copy of the best weights), "best_step", "curve"}."""
     import torch
-    import transformers
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    t0 = time.time()
-    docs, hashes = load_documents(cfg)
-    train_texts, held_texts = split_documents(docs, cfg.heldout_fraction)
-    tokenizer = train_tokenizer(train_texts, cfg.vocab_size)
-    train_stream = encode_stream(tokenizer, train_texts)
-    held_stream = encode_stream(tokenizer, held_texts)
-    log(f"tokenizer: {len(tokenizer)} tokens; train {len(train_stream):,} tokens, held-out {len(held_stream):,}")
-
-    model = make_model(cfg, tokenizer).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    random_nll = heldout_nll(model, held_stream, cfg.seq_len, device)
-    log(f"model: {n_params:,} parameters on {device}; random-init held-out ppl {math.exp(random_nll):.1f}")
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -216,13 +208,7 @@ def build(cfg: BaseBuildConfig, out: Path, device: str = "auto", log=print) -> d
         lr=cfg.lr,
         betas=(0.9, 0.95),
     )
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
+    lr_at = lr_schedule(cfg)
     use_bf16 = device.startswith("cuda")
     gen = torch.Generator().manual_seed(cfg.seed)
     best_nll, best_state, best_step, curve = float("inf"), None, 0, []
@@ -248,44 +234,59 @@ def build(cfg: BaseBuildConfig, out: Path, device: str = "auto", log=print) -> d
             if nll < best_nll:
                 best_nll, best_step = nll, step + 1
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    return {"best_nll": best_nll, "best_state": best_state, "best_step": best_step, "curve": curve}
 
-    model.load_state_dict(best_state)
+
+def build(cfg: BaseBuildConfig, out: Path, device: str = "auto", log=print) -> dict:
+    """Pretrain and write `out` (model, tokenizer, manifest.json). Returns the manifest."""
+    import torch
+    import transformers
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    docs, hashes = load_documents(cfg)
+    train_texts, held_texts = split_documents(docs, cfg.heldout_fraction)
+    tokenizer = train_tokenizer(train_texts, cfg.vocab_size)
+    train_stream = encode_stream(tokenizer, train_texts)
+    held_stream = encode_stream(tokenizer, held_texts)
+    log(f"tokenizer: {len(tokenizer)} tokens; train {len(train_stream):,} tokens, held-out {len(held_stream):,}")
+
+    model = make_model(cfg, tokenizer).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    random_nll = heldout_nll(model, held_stream, cfg.seq_len, device)
+    log(f"model: {n_params:,} parameters on {device}; random-init held-out ppl {math.exp(random_nll):.1f}")
+    best = pretrain(model, cfg, train_stream, held_stream, device, log)
+
+    model.load_state_dict(best["best_state"])
     model = model.to("cpu").float()
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    manifest = {
-        "kind": "base_model",
-        "architecture": "LlamaForCausalLM",
-        "config": asdict(cfg),
-        "parameters": n_params,
-        "corpus_sha256": hashes,
-        "tokens": {"train": len(train_stream), "heldout": len(held_stream)},
-        "heldout_perplexity": {
-            "pretrained": round(math.exp(best_nll), 3),
-            "random_init": round(math.exp(random_nll), 3),
-            "unigram": round(math.exp(unigram_nll(train_stream, held_stream, len(tokenizer))), 3),
-        },
-        "best_step": best_step,
-        "curve": curve,
-        "built_on": {
-            "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "seconds": round(time.time() - t0, 1),
-        },
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with staging(Path(out)) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        manifest = {
+            "kind": "base_model",
+            "architecture": "LlamaForCausalLM",
+            "config": asdict(cfg),
+            "parameters": n_params,
+            "corpus_sha256": hashes,
+            "tokens": {"train": len(train_stream), "heldout": len(held_stream)},
+            "heldout_perplexity": {
+                "pretrained": round(math.exp(best["best_nll"]), 3),
+                "random_init": round(math.exp(random_nll), 3),
+                "unigram": round(math.exp(unigram_nll(train_stream, held_stream, len(tokenizer))), 3),
+            },
+            "best_step": best["best_step"],
+            "curve": best["curve"],
+            "built_on": {
+                "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "seconds": round(time.time() - t0, 1),
+            },
+        }
+        write_json(tmp / "manifest.json", manifest)
     log(f"wrote {out}: held-out ppl {manifest['heldout_perplexity']}")
     return manifest
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import random
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from common import jsonl
 from pipelines.config import REPO_ROOT
 
 BITEXT_CSV = REPO_ROOT / "data" / "customer_support" / "bitext_customer_support.csv"
@@ -85,35 +85,28 @@ def splits(examples: list[Example], categories: tuple[str, ...] | None = None) -
 
 
 def write_jsonl(examples: list[Example] | list[dict], path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for e in examples:
-            f.write(json.dumps(e.as_dict() if isinstance(e, Example) else e) + "\n")
-    tmp.replace(path)
-    return path
+    """The examples as a JSONL dataset, written atomically (common.jsonl.write_jsonl)."""
+    return jsonl.write_jsonl(path, (e.as_dict() if isinstance(e, Example) else e for e in examples))
+
+
+def _example(row) -> Example:
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
+        raise ValueError("needs string fields 'prompt' and 'response'")
+    return Example(row["prompt"], row["response"], row.get("category", ""), row.get("intent", ""))
 
 
 def read_jsonl(path: Path) -> list[Example]:
-    """Read a prompt/response dataset; every problem names the file and line."""
+    """Read a prompt/response dataset (common.jsonl's reader, typed); every problem names the file and line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"dataset {path} does not exist")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i} is not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(
-                row.get("response"), str
-            ):
-                raise DataError(f"{path}:{i} needs string fields 'prompt' and 'response'")
-            out.append(Example(row["prompt"], row["response"], row.get("category", ""), row.get("intent", "")))
+    try:
+        out = jsonl.read_jsonl(path, _example)
+    except jsonl.JsonlError as e:
+        if e.json_error is not None:
+            raise DataError(f"{path}:{e.lineno} is not valid JSON ({e.json_error}); each line must be one JSON "
+                            "object") from None
+        raise DataError(f"{path}:{e.lineno} {e.detail}") from None
     if not out:
         raise DataError(f"dataset {path} is empty; give it at least one {{'prompt', 'response'}} line")
     return out
@@ -136,12 +129,10 @@ def load_dialogue(path: Path = DIALOGUE_JSONL, n: int | None = None, seed: int =
     path = Path(path)
     if not path.is_file():
         raise DataError(f"dialogue data {path} does not exist; it ships in data/dialogue/")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            try:
-                r = json.loads(line)
-                rows.append(Example(format_prompt(r["user"]), " " + r["system"].strip(), r.get("domain", "")))
-            except (json.JSONDecodeError, KeyError) as e:
-                raise DataError(f"{path}:{i} is not a {{'user', 'system'}} JSON object ({e})") from None
+    try:
+        rows = jsonl.read_jsonl(path, lambda r: Example(format_prompt(r["user"]), " " + r["system"].strip(),
+                                                        r.get("domain", "")))
+    except jsonl.JsonlError as e:
+        raise DataError(f"{path}:{e.lineno} is not a {{'user', 'system'}} JSON object ({e.json_error or e.detail})"
+                        ) from None
     return rows if n is None else sample(rows, n, seed)

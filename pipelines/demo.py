@@ -12,9 +12,9 @@ check merge fidelity and forgetting, not answer relevance, but loses the canary 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from common.atomic import write_json
 from pipelines.data import CATEGORIES_AFTER, CATEGORIES_BEFORE, load_bitext, splits, write_jsonl
 from pipelines.lifecycle import DEFAULT_CONFIG, LifecycleConfig, TrafficConfig, load_config  # noqa: F401
 
@@ -75,9 +75,4 @@ def summary_table(summary: dict) -> str:
 
 
 def write_summary(summary: dict, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    tmp.replace(path)
-    return path
+    return write_json(path, summary, default=str)

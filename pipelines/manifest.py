@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from common.atomic import write_json
 from pipelines.config import REPO_ROOT
 
 MANIFEST = "manifest.json"
@@ -81,5 +82,5 @@ def write(directory: Path, kind: str, config: dict, inputs: dict, **extra: Any) 
         "created": time.time(),
         **extra,
     }
-    (Path(directory) / MANIFEST).write_text(json.dumps(m, indent=2, default=str) + "\n")
+    write_json(Path(directory) / MANIFEST, m, default=str)
     return m

@@ -11,6 +11,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.manifest import staging
+
 _SHARED: dict[tuple, object] = {}
 
 
@@ -90,16 +92,12 @@ class Workspace:
         if (dest / "manifest.json").is_file():
             return dest
         reg = self.registry()
-        tmp = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name in ("adapter", "adapter_native"):
-            shutil.copytree(reg.download(family, version, name, self.root / "downloads"), tmp / name)
-        got = reg.download(family, version, "train_manifest", self.root / "downloads")
-        shutil.copy(got / "manifest.json" if got.is_dir() else got, tmp / "manifest.json")
-        _bind_old_version(tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
+        with staging(dest) as tmp:
+            for name in ("adapter", "adapter_native"):
+                shutil.copytree(reg.download(family, version, name, self.root / "downloads"), tmp / name)
+            got = reg.download(family, version, "train_manifest", self.root / "downloads")
+            shutil.copy(got / "manifest.json" if got.is_dir() else got, tmp / "manifest.json")
+            _bind_old_version(tmp)
         return dest
 
 
@@ -110,10 +108,12 @@ def _bind_old_version(out: Path) -> None:
 
     from registry.binding import BINDING_FILE, write_binding
 
+    from pipelines.methods import METHODS
+
     m = json.loads((out / "manifest.json").read_text())
     base_sha, key, method = m["inputs"]["base_sha256"], m["inputs"].get("init_key", ""), m.get("method", "")
+    residual = method in METHODS and METHODS[method].residual  # as pipelines.train binds a new version
     if not (out / "adapter" / BINDING_FILE).is_file():
         write_binding(out / "adapter", base_sha, "plain", method, key)
     if not (out / "adapter_native" / BINDING_FILE).is_file():
-        write_binding(out / "adapter_native", base_sha, "pissa_residual" if method == "pissa" else "plain", method,
-                      key)
+        write_binding(out / "adapter_native", base_sha, "pissa_residual" if residual else "plain", method, key)

@@ -20,6 +20,8 @@ import json
 import logging
 from pathlib import Path
 
+from common.atomic import write_json
+
 log = logging.getLogger(__name__)
 
 BINDING_FILE = "adapterops.json"
@@ -43,7 +45,7 @@ def write_binding(adapter_dir: Path, base_sha256: str, base: str = "plain", meth
         binding["note"] = (f"PiSSA adapter as trained: its weights apply to the residual base of init-cache entry "
                            f"{init_key} (base minus the top singular directions), NOT to the plain base; merge or "
                            f"serve the sibling adapter/ (exported against the plain base) instead")
-    (Path(adapter_dir) / BINDING_FILE).write_text(json.dumps(binding, indent=2) + "\n")
+    write_json(Path(adapter_dir) / BINDING_FILE, binding)
     return binding
 
 
