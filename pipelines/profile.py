@@ -32,21 +32,39 @@ class Profile:
     prefect_api_url: str = ""
     """Prefect API URL, ending in /api; "" = Prefect's temporary local server."""
     serving_host: str = "127.0.0.1"
-    """Address `adapterops serve` binds; 127.0.0.1 keeps it off the network."""
+    """Address `adapterops serve` binds by default (--host overrides); 127.0.0.1 keeps it off the network."""
     serving_port: int = 8000
+    """Port `adapterops serve` listens on by default (--port overrides)."""
     artifact_root: str = ""
-    """Where MLflow keeps run artifacts; "" = next to the SQLite database (<workdir>/mlartifacts)."""
+    """Where run artifacts (adapters, merged models, reports) go: a new experiment's artifact location is
+    <artifact_root>/<experiment> (experiment_artifact_location). Used with a direct database tracking URI
+    (sqlite:///, postgresql://), where the client writes artifacts itself; an http(s) tracking server keeps its own
+    (--artifacts-destination, which the compose file sets to this value). "" = next to the SQLite database
+    (<workdir>/mlartifacts); a postgresql:// tracking URI needs it (else MLflow writes to ./mlruns)."""
     state_db_url: str = ""
     """Database every serving replica and worker shares (postgresql://...): canary state and the prediction log;
     "" = files under the work dir (rollout-state.json, predictions.db: one replica)."""
 
     def __post_init__(self) -> None:
-        if not 0 < self.serving_port < 65536:
+        if isinstance(self.serving_port, bool) or not 0 < self.serving_port < 65536:
             raise ValueError(f"serving_port must be in 1..65535, got {self.serving_port}")
+        if not self.serving_host.strip() or any(c.isspace() for c in self.serving_host):
+            raise ValueError(f"serving_host {self.serving_host!r} must be an address to bind, e.g. 127.0.0.1 (this "
+                             "host only) or 0.0.0.0 (every interface)")
         scheme = urlparse(self.tracking_uri).scheme.split("+")[0]
         if self.tracking_uri and scheme not in ("sqlite", "http", "https", "postgresql"):
             raise ValueError(f"tracking_uri {self.tracking_uri!r}: expected sqlite:///, http(s):// or postgresql:// "
                              f"(MLflow's file store is not supported)")
+        root_scheme = urlparse(self.artifact_root).scheme
+        if self.artifact_root and root_scheme not in ARTIFACT_SCHEMES and not (
+                root_scheme == "" and Path(self.artifact_root).is_absolute()):
+            raise ValueError(f"artifact_root {self.artifact_root!r}: expected an object-store URI "
+                             f"({', '.join(s + '://' for s in ARTIFACT_SCHEMES if s != 'file')}bucket/prefix), "
+                             "file:///abs/path or an absolute directory")
+        if scheme == "postgresql" and not self.artifact_root:
+            raise ValueError(f"tracking_uri {self.tracking_uri!r} is a direct database URI, so clients write run "
+                             "artifacts themselves: set artifact_root (e.g. s3://adapterops/mlflow), else MLflow "
+                             "puts them in ./mlruns of whichever directory each process runs in")
         state_scheme = urlparse(self.state_db_url).scheme.split("+")[0]
         if self.state_db_url and state_scheme not in ("postgresql", "sqlite"):
             raise ValueError(f"state_db_url {self.state_db_url!r}: expected postgresql://user@host:5432/db (or "
@@ -57,6 +75,27 @@ class Profile:
                              f"e.g. http://prefect-server:4200/api")
         if self.s3_endpoint_url and not self.s3_endpoint_url.startswith(("http://", "https://")):
             raise ValueError(f"s3_endpoint_url {self.s3_endpoint_url!r} must be an http(s) URL")
+
+
+    def experiment_artifact_location(self, experiment: str) -> str | None:
+        """The artifact location to create `experiment` with: <artifact_root>/<experiment> for a direct database
+        tracking URI; None (the backend decides) for an http(s) tracking server, which stores artifacts under its
+        own --artifacts-destination, or when artifact_root is "" (SQLite: <db dir>/mlartifacts)."""
+        if not self.artifact_root or urlparse(self.tracking_uri).scheme.startswith("http"):
+            return None
+        return f"{self.artifact_root.rstrip('/')}/{experiment}"
+
+    def serving_address(self, host: str | None = None, port: int | None = None) -> tuple[str, int]:
+        """(host, port) for `adapterops serve`: the command's --host / --port where given, else this profile's."""
+        host = self.serving_host if host is None else host
+        port = self.serving_port if port is None else port
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {port!r}")
+        return host, port
+
+
+ARTIFACT_SCHEMES = ("s3", "gs", "wasbs", "hdfs", "file")
+"""Artifact stores MLflow writes to by URI (besides an absolute directory)."""
 
 
 def expand_env(value, env: Mapping[str, str]):
