@@ -99,9 +99,10 @@ def registry_callbacks(reg):
 
 
 def build_state(ws: Workspace, rollout_cfg, api_key: str | None, fallback_cfg=None,
-                auto_canary_poll_s: float | None = None, engine=None):
+                auto_canary_poll_s: float | None = None, engine=None, auto_canary_without_feedback: bool = False):
     """fallback_cfg: serving.fallback.FallbackConfig; None or `enabled: false` leaves drift verdicts unanswered.
-    auto_canary_poll_s: start the canary of each new registry challenger (e.g. from a scheduled retrain).
+    auto_canary_poll_s: start the canary of each new registry challenger (e.g. from a scheduled retrain); it
+    promotes only with users' feedback on both arms unless auto_canary_without_feedback.
     engine: a serving.engine.Engine, or an EngineSpec (default: the built-in engine on the CPU)."""
     from monitoring.sql_log import open_prediction_log
     from serving.control import ServerState
@@ -121,7 +122,8 @@ def build_state(ws: Workspace, rollout_cfg, api_key: str | None, fallback_cfg=No
     return ServerState(engine=engine, router=Router(), rollout=controller,
                        log=open_prediction_log(ws.prediction_log_target), api_key=api_key, registry=reg,
                        adapter_cache=ws.root / "serving-cache", require_parity=True, fallback=policy,
-                       auto_canary_poll_s=auto_canary_poll_s)
+                       auto_canary_poll_s=auto_canary_poll_s,
+                       auto_canary_without_feedback=auto_canary_without_feedback)
 
 
 def load_champions(state, ws: Workspace) -> list[str]:
@@ -155,14 +157,15 @@ def load_champions(state, ws: Workspace) -> list[str]:
 
 
 def serve(ws: Workspace, host: str, port: int, api_key: str | None, rollout_cfg=None, fallback_cfg=None,
-          auto_canary_poll_s: float | None = None, engine: EngineSpec | None = None) -> None:
+          auto_canary_poll_s: float | None = None, engine: EngineSpec | None = None,
+          auto_canary_without_feedback: bool = False) -> None:
     import uvicorn
 
     from serving.app import create_app
     from serving.rollout import RolloutConfig
 
     state = build_state(ws, rollout_cfg or RolloutConfig(), api_key, fallback_cfg, auto_canary_poll_s,
-                        engine=engine or EngineSpec())
+                        engine=engine or EngineSpec(), auto_canary_without_feedback=auto_canary_without_feedback)
     try:
         loaded = load_champions(state, ws)
         log.warning("serving %s on http://%s:%d through the %s engine (%s)", ", ".join(loaded) or "the base model "

@@ -99,6 +99,11 @@ class ServerState:
     """Every N s, start a canary for each family whose registry `challenger` alias names a version that is not
     serving and not tried yet (a scheduled retrain registers one); None: rollouts start only when asked. Needs
     `registry` and `rollout`."""
+    auto_canary_without_feedback: bool = False
+    """An automatic canary (auto_canary_poll_s) requires users' feedback to promote (require_feedback: it extends
+    its step while either arm has fewer than min_samples scores, saying so in the status), since errors and latency
+    alone cannot tell a wrong model from a right one. True: it may promote on error rate and latency alone, and
+    its promotion reason says that feedback was not checked."""
     registry_poll_s: float | None = 5.0
     """With a registry: follow its champion aliases this often, so a promote or rollback made anywhere (the CLI,
     another replica's canary) reaches this server's traffic within that time, and a family registered elsewhere
@@ -541,6 +546,14 @@ class ControlPlane:
         except ValueError as e:
             raise APIError(400, f"invalid rollout settings: {e}", code="invalid_value") from None
 
+    def auto_canary_config(self) -> RolloutConfig:
+        """The rollout settings of an automatic canary: the server's, with require_feedback unless the server was
+        started with auto_canary_without_feedback."""
+        cfg = self.controller().config
+        if self.state.auto_canary_without_feedback or cfg.require_feedback:
+            return cfg
+        return RolloutConfig(**{**cfg.as_dict(), "require_feedback": True})
+
     def parity(self, family: str, version: str) -> dict:
         """Train/serve parity of family@version on this engine: its golden prompts' token log-probs vs the golden
         logits stored with the version."""
@@ -662,8 +675,11 @@ class ControlPlane:
                     if challenger not in (None, st.router.get(family).champion) and challenger not in seen:
                         seen.add(challenger)
                         try:
-                            self.start_rollout(family, challenger)
-                            log.warning("registry challenger %s@%s: canary started", family, challenger)
+                            self.start_rollout(family, challenger, config=self.auto_canary_config())
+                            log.warning("registry challenger %s@%s: canary started (%s)", family, challenger,
+                                        "may promote on error rate and latency alone: --auto-canary-without-"
+                                        "feedback" if st.auto_canary_without_feedback else "promotes only with "
+                                        "users' feedback on both arms")
                         except APIError as exc:
                             log.error("registry challenger %s@%s: canary not started: %s", family, challenger, exc)
                 errors.pop(family, None)

@@ -220,6 +220,8 @@ def test_the_server_starts_the_canary_of_a_new_registry_challenger_once(ws, fami
             time.sleep(0.2)
         st = r.json()
         assert (st["champion"], st["challenger"], st["status"]) == ("1", "2", "running")
+        assert st["config"]["require_feedback"] is True  # an automatic canary never promotes on errors alone
+        assert state.rollout.config.require_feedback is False  # ... whatever the server's own setting
         assert "2" in state.families[family]  # loaded (verified) from the registry, parity checked
         r = c.post("/admin/rollout/abort", json={"family": family, "reason": "test"}, headers=AUTH)
         assert r.status_code == 200, r.text

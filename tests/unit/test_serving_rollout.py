@@ -424,3 +424,70 @@ def test_nll_check():
     assert check_nll([3.0] * 5, 2.0, CFG, 0.01)["verdict"] == INSUFFICIENT
     assert check_nll([2.1] * 20, 2.0, CFG, 0.01)["verdict"] == PASS
     assert check_nll([4.0] * 20, 2.0, CFG, 0.01)["verdict"] == FAIL
+
+
+def test_small_steps_never_promote_a_challenger_users_score_far_lower(tmp_path):
+    """The decision gap a fresh-clone CI run found (tests/integration/test_serving_ops.py's gradual rollback): 12
+    requests a step; the challenger is scored as well as the champion at its first step, then 0.05 against 0.9. On
+    the few cumulative samples the alpha-spent feedback test could not reject it, and "not rejected" advanced and
+    promoted it (21 of 200 seeds with hold_inconclusive_until=0). An estimate beyond the margin now holds the step
+    until the challenger has hold_inconclusive_until samples, by when the test rejects it."""
+
+    def run(cfg, seed):
+        ev = Events()
+        ctl = ev.controller(tmp_path / f"s{seed}-{cfg.hold_inconclusive_until}.json", cfg, persist_interval_s=3600)
+        ctl.start("fam", "1", "2")
+        rng = np.random.default_rng(seed)
+        for i in range(5000):
+            if not ctl.is_active("fam"):
+                break
+            version = "2" if rng.random() < ctl.weight("fam")[2] else "1"
+            bad_phase = ctl.status("fam")["step"] >= 1
+            ctl.record("fam", version, f"r{i}", 30.0, False, None)
+            if not bad_phase:
+                score = 0.8 + 0.01 * (i % 5)
+            else:
+                score = 0.05 + 0.01 * (i % 3) if version == "2" else 0.9 - 0.01 * (i % 3)
+            ctl.record_feedback(f"r{i}", score)
+        return ev
+
+    old_rule = RolloutConfig(steps=(0.25, 0.5, 1.0), requests_per_step=12, min_samples=4, hold_inconclusive_until=0)
+    assert sum(bool(run(old_rule, seed).promoted) for seed in range(60)) > 0  # the gap is real
+    cfg = RolloutConfig(steps=(0.25, 0.5, 1.0), requests_per_step=12, min_samples=4)
+    for seed in range(60):
+        ev = run(cfg, seed)
+        assert ev.promoted == [] and len(ev.rolled_back) == 1, seed
+        assert "feedback" in ev.rolled_back[0][2]
+
+
+def test_an_inconclusive_estimate_holds_the_step_and_says_why(tmp_path):
+    """Feedback 0.2 lower on few samples: passes the (alpha-spent) test but is beyond the margin, so the step is
+    extended with the reason, not advanced."""
+    ev = Events()
+    cfg = RolloutConfig(steps=(0.5, 1.0), requests_per_step=12, min_samples=5)
+    ctl = ev.controller(tmp_path / "s.json", cfg, persist_interval_s=3600)
+    ctl.start("fam", "1", "2")
+    for i in range(12):
+        version = "2" if i % 2 else "1"
+        ctl.record("fam", version, f"r{i}", 30.0, False, None)
+        ctl.record_feedback(f"r{i}", [0.5, 0.9, 0.7][i % 3] - (0.2 if version == "2" else 0.0))
+    h = ctl.status("fam")["history"][-1]
+    assert h["analysis"]["checks"]["feedback"]["verdict"] == PASS
+    assert h["decision"] == "extend" and any(x.startswith("inconclusive: feedback") for x in h["short"]), h
+    with pytest.raises(ValueError, match="hold_inconclusive_until"):
+        RolloutConfig(hold_inconclusive_until=-1)
+
+
+def test_a_promotion_without_feedback_says_feedback_was_not_checked(tmp_path):
+    ev = Events()
+    cfg = RolloutConfig(steps=(0.5, 1.0), requests_per_step=40, min_samples=10)
+    ctl = ev.controller(tmp_path / "s.json", cfg, persist_interval_s=3600)
+    ctl.start("fam", "1", "2")
+    drive(ctl, np.random.default_rng(4), feedback=0.0)
+    st = ctl.status("fam")
+    assert st["status"] == "promoted" and st["reason"].startswith("all steps passed; NOT checked: feedback")
+    ev2 = Events()
+    ctl2 = ev2.controller(tmp_path / "s2.json", cfg, persist_interval_s=3600)
+    ctl2.start("fam", "1", "2")
+    drive(ctl2, np.random.default_rng(4), feedback=1.0)
+    assert ctl2.status("fam")["reason"] == "all steps passed"  # response_nll has no baseline: skipped, not unchecked
