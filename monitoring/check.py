@@ -24,7 +24,7 @@ import numpy as np
 
 from common.atomic import write_json
 from common.jsonl import read_jsonl
-from monitoring.drift import EMBEDDING_STAT, NOVELTY_STAT, DriftConfig, DriftResult, detect
+from monitoring.drift import DRIFT_TESTS, EMBEDDING_STAT, NOVELTY_STAT, DriftConfig, DriftResult, detect
 from monitoring.embeddings import EmbeddingIndex, embed, load_encoder
 
 
@@ -90,8 +90,9 @@ def check_versions(reference_rows: list[dict], current_windows: list[list[dict]]
     return reference_version
 
 
-EMBEDDING_STATS = (EMBEDDING_STAT, NOVELTY_STAT)
-"""The stats computed from a prompt's embedding against an index (max-cos and kNN novelty)."""
+EMBEDDING_STATS = tuple(s for s, t in DRIFT_TESTS.items() if t.needs == "embedding")
+"""The stats computed from a prompt's embedding against an index (max-cos and kNN novelty): the DRIFT_TESTS
+entries that need an embedding."""
 
 
 def _stored_vector(row: dict) -> np.ndarray | None:
@@ -207,7 +208,7 @@ def check_windows(reference_rows: list[dict], current_windows: list[list[dict]],
 def _assign(cols: dict[str, np.ndarray], wanted, scores: tuple[np.ndarray, np.ndarray], rows_idx: np.ndarray,
             missing: np.ndarray) -> None:
     """Write (max-cos, novelty) scores of `rows_idx` into `cols`, only where a row's value was not given."""
-    by_stat = dict(zip(EMBEDDING_STATS, scores))
+    by_stat = {EMBEDDING_STAT: scores[0], NOVELTY_STAT: scores[1]}  # EmbeddingIndex.neighbour_stats' order
     for s in wanted:
         col = cols[s]
         for i, v in zip(rows_idx, by_stat[s]):

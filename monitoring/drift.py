@@ -17,6 +17,7 @@ about the embedding geometry.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -46,6 +47,59 @@ NOVELTY_STAT = "embedding_novelty"
 STATUSES = ("ok", "drift", "insufficient_data")
 
 
+@dataclass(frozen=True)
+class DriftTest:
+    """How one stat (a column of per-request values) is tested, and what computing the stat needs."""
+
+    __test__ = False  # not a pytest test class
+
+    run: Callable[[np.ndarray, np.ndarray, "DriftConfig"], tuple[float, float, str]]
+    """(reference finite values, window finite values, cfg) -> (statistic, p-value, note); `detect` applies Holm
+    across the p-values of every tested stat."""
+    statistic: str = "D"
+    """What the statistic is called in the verdict's reason."""
+    needs: str = "logit_stats"
+    """What the stat is computed from: "logit_stats" (per request, by the engine: monitoring.logit_stats) or
+    "embedding" (the prompt's embedding scored against an index: monitoring.check fills these in)."""
+
+    def __post_init__(self):
+        if self.needs not in NEEDS:
+            raise ValueError(f"DriftTest.needs must be one of {NEEDS}, got {self.needs!r}")
+
+
+NEEDS = ("logit_stats", "embedding")
+
+
+def ks_test(reference: np.ndarray, current: np.ndarray, cfg: "DriftConfig") -> tuple[float, float, str]:
+    """Two-sample Kolmogorov-Smirnov: statistic D, two-sided p-value."""
+    ks = _ks_2samp(reference, current)
+    return float(ks.statistic), float(ks.pvalue), ""
+
+
+def novelty_test(reference: np.ndarray, current: np.ndarray, cfg: "DriftConfig") -> tuple[float, float, str]:
+    """`novelty_tail_test` at cfg.novelty_quantile: the share of the window above the tail, exact p-value."""
+    return novelty_tail_test(reference, current, cfg.novelty_quantile)
+
+
+KS = DriftTest(ks_test)
+"""The test of a stat that DRIFT_TESTS does not name (a column of the caller's own)."""
+
+DRIFT_TESTS: dict[str, DriftTest] = {
+    **{stat: KS for stat in REQUEST_STATS},
+    EMBEDDING_STAT: DriftTest(ks_test, needs="embedding"),
+    NOVELTY_STAT: DriftTest(novelty_test, statistic="share above the tail", needs="embedding"),
+}
+"""stat name -> its test; the keys, in order, are DriftConfig.stats' default. Adding a test is one entry here (a
+new stat computed from what `needs` names, with its test function)."""
+
+
+def test_for(stat: str) -> DriftTest:
+    return DRIFT_TESTS.get(stat, KS)
+
+
+test_for.__test__ = False  # not a pytest test function
+
+
 @dataclass
 class DriftConfig:
     """How a window of requests is compared with the reference."""
@@ -55,8 +109,9 @@ class DriftConfig:
     min_window: int = 50
     """Fewest finite values a stat needs (in both reference and window) to be tested; a window with no testable
     stat is "insufficient_data", never drift. KS on a handful of values is noise."""
-    stats: tuple[str, ...] = REQUEST_STATS + (EMBEDDING_STAT, NOVELTY_STAT)
-    """Which columns to test (KS for each, the tail count for NOVELTY_STAT)."""
+    stats: tuple[str, ...] = tuple(DRIFT_TESTS)
+    """Which columns to test, each with its DRIFT_TESTS entry (KS for the logit stats and the max-cos, the tail
+    count for NOVELTY_STAT; KS for a column DRIFT_TESTS does not name)."""
     novelty_k: int = 5
     """Neighbours averaged in the kNN novelty of a prompt (monitoring.check computes it with this k)."""
     novelty_quantile: float = 0.95
@@ -204,8 +259,8 @@ def novelty_tail_test(reference: np.ndarray, current: np.ndarray, quantile: floa
 
 
 def detect(reference: dict[str, np.ndarray], current: dict[str, np.ndarray], cfg: DriftConfig) -> DriftResult:
-    """Test each stat of `cfg.stats` with a two-sample KS test, reference vs current window (NOVELTY_STAT with
-    `novelty_tail_test` instead).
+    """Test each stat of `cfg.stats` with its DRIFT_TESTS entry (a two-sample KS test, reference vs current window;
+    NOVELTY_STAT with `novelty_tail_test`).
 
     NaN/inf values are dropped first (a request without generated tokens has no gen_entropy; the test's note
     counts them). A stat with fewer than `cfg.min_window` finite values on either side is reported with a note and
@@ -247,14 +302,9 @@ def detect(reference: dict[str, np.ndarray], current: dict[str, np.ndarray], cfg
                                       note=f"not tested: {'; '.join(short)} (min_window={cfg.min_window})"))
             continue
         note = f"{dropped} non-finite current values left out" if dropped else ""
-        if name == NOVELTY_STAT:
-            share, p_value, count_note = novelty_tail_test(ref, cur, cfg.novelty_quantile)
-            tested.append(TestResult(name, share, p_value, math.nan, False, int(ref.size), int(cur.size),
-                                     note=f"{count_note}; {note}" if note else count_note))
-            continue
-        ks = _ks_2samp(ref, cur)
-        tested.append(TestResult(name, float(ks.statistic), float(ks.pvalue), math.nan, False,
-                                 int(ref.size), int(cur.size), note=note))
+        statistic, p_value, test_note = test_for(name).run(ref, cur, cfg)
+        tested.append(TestResult(name, statistic, p_value, math.nan, False, int(ref.size), int(cur.size),
+                                 note="; ".join(n for n in (test_note, note) if n)))
 
     if not tested:
         most = max(t.n_current for t in skipped)
@@ -270,7 +320,7 @@ def detect(reference: dict[str, np.ndarray], current: dict[str, np.ndarray], cfg
             t.note = f"{t.note}; {kept}" if t.note else kept
     fired_names = [t.name for t in tested if t.fired]
     if fired_names:
-        detail = ", ".join(f"{t.name} ({'share above the tail' if t.name == NOVELTY_STAT else 'D'}="
+        detail = ", ".join(f"{t.name} ({test_for(t.name).statistic}="
                            f"{t.statistic:.3f}, p={t.p_value:.2g} <= {t.threshold:.2g})" for t in tested if t.fired)
         reason = f"drift in {detail}; family-wise alpha={cfg.alpha}"
     else:

@@ -18,10 +18,9 @@ from pathlib import Path
 import pandas as pd
 
 from common.atomic import write_text
-from monitoring.drift import EMBEDDING_STAT, NOVELTY_STAT
-from monitoring.logit_stats import REQUEST_STATS
+from monitoring.drift import DRIFT_TESTS
 
-REPORT_COLUMNS = REQUEST_STATS + (EMBEDDING_STAT, NOVELTY_STAT)
+REPORT_COLUMNS = tuple(DRIFT_TESTS)
 
 
 def _fmt(v) -> str:
