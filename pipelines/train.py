@@ -32,7 +32,10 @@ from pipelines.data import category_counts, read_jsonl
 
 PRECISIONS = ("auto", "fp32", "bf16")
 # Settings that change how a run is watched or made resumable, not what it computes: not part of the fingerprint.
-NOT_IDENTITY = ("checkpoint_every", "progress", "device", "fast_dora", "fast_kernels", "compile", "attention")
+# nproc/strategy too: N processes compute one process's batches and updates (pipelines.distributed), equal up to the
+# order of floating-point sums, and a checkpoint of one resumes under the other.
+NOT_IDENTITY = ("checkpoint_every", "progress", "device", "fast_dora", "fast_kernels", "compile", "attention",
+                "nproc", "strategy", "dist_timeout_s")
 
 
 @dataclass
@@ -97,6 +100,16 @@ class TrainConfig:
     attention: str = "auto"
     """Attention over packed rows: auto (CUDA + bf16: varlen, else sdpa) | varlen (flash attention per example, no
     mask) | flex (transformers' flex attention, block-sparse mask) | sdpa (a dense block-diagonal mask)."""
+    nproc: int = 1
+    """Processes on this host (pipelines.distributed: torchrun, gloo on the CPU, nccl on CUDA with one GPU per
+    process). Each takes grad_accum / nproc of every step's micro-batches: the same global batch and updates as one
+    process, so grad_accum must be a multiple of nproc."""
+    strategy: str = "ddp"
+    """With nproc > 1: ddp (the model replicated on every process, for bases that fit one device) | fsdp (FSDP2:
+    each decoder layer's frozen weights sharded over the processes, for bases that do not; the adapter replicated)."""
+    dist_timeout_s: int = 900
+    """With nproc > 1: seconds a collective (the gradient sum, a checkpoint's wait) may block before the run fails
+    (a hung or dead peer); also bounds the wait for all processes to start."""
     health: HealthConfig = field(default_factory=HealthConfig)
 
     def __post_init__(self) -> None:
@@ -117,6 +130,24 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        self._check_distributed()
+
+    def _check_distributed(self) -> None:
+        from pipelines.distributed import STRATEGIES
+
+        if self.nproc < 1:
+            raise ValueError(f"nproc must be >= 1, got {self.nproc}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.dist_timeout_s < 10:
+            raise ValueError(f"dist_timeout_s must be >= 10, got {self.dist_timeout_s}")
+        if self.nproc > 1 and self.grad_accum % self.nproc:
+            raise ValueError(f"grad_accum ({self.grad_accum}) must be a multiple of nproc ({self.nproc}): each process "
+                             f"takes grad_accum / nproc of a step's micro-batches, so that the effective batch "
+                             f"(batch_size * grad_accum) is one process's; set grad_accum: {self.nproc} (or a multiple)")
+        if self.nproc > 1 and self.device.startswith("cuda:"):
+            raise ValueError(f"device {self.device!r} names one GPU, but nproc {self.nproc} uses one GPU per process "
+                             f"(cuda:0..{self.nproc - 1}); use device: cuda (or auto), and CUDA_VISIBLE_DEVICES to pick GPUs")
 
 
 class HealthCheckFailed(RuntimeError):
@@ -252,22 +283,33 @@ def batch_loss(model, ids, labels, mask=None, position_ids=None, meta=None):
     return loss, n if n is not None else int(keep.sum())
 
 
-def eval_loss(model, rows, pad_id: int, batch_size: int = 16) -> float:
-    """Mean response-token NLL of `rows` under `model` (used by training and by the merge gates)."""
+def eval_loss(model, rows, pad_id: int, batch_size: int = 16, rank=None) -> float:
+    """Mean response-token NLL of `rows` under `model` (used by training and by the merge gates). `rank`
+    (pipelines.distributed.Rank, several processes): each takes every world-th batch and the sums are all-reduced;
+    under fsdp every rank runs the same number of forwards (they are collective), repeating a batch at weight 0."""
     import torch
 
+    from pipelines import distributed
+
+    rank = rank or distributed.Rank()
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    chunks = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    rounds = -(-len(chunks) // rank.world) * rank.world if rank.strategy == "fsdp" else len(chunks)
     with torch.no_grad():
-        for k in range(0, len(order), batch_size):
-            ids, labels, mask = lm.collate([rows[i] for i in order[k : k + batch_size]], pad_id)
+        for k in range(rank.rank, rounds, rank.world):
+            ids, labels, mask = lm.collate([rows[i] for i in chunks[k % len(chunks)]], pad_id)
             with autocast_for(model):
                 loss, n = batch_loss(model, ids.to(device), labels.to(device), mask.to(device))
-            total += float(loss)
-            count += n
+            if k < len(chunks):
+                total += float(loss)
+                count += n
+    if rank.distributed:
+        sums = distributed.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=device), rank)
+        total, count = float(sums[0]), int(sums[1])
     model.train(was_training)
     return total / max(count, 1)
 
@@ -314,10 +356,13 @@ def prepare_precision(model, precision: str):
 def adapter_deltas(peft_model, initial: dict | None = None) -> dict[str, dict]:
     """Per LoRA module: ||dW||_F / ||W||_F and the effective rank of dW (relative to the initial adapter).
 
-    W is read dequantized on a bitsandbytes base (QLoRA, QPiSSA): the raw Params4bit holds packed nf4 codes.
+    W is read dequantized on a bitsandbytes base (QLoRA, QPiSSA): the raw Params4bit holds packed nf4 codes; an
+    FSDP2-sharded W is all-gathered one module at a time (every rank must call this).
     """
     import torch
     from peft.utils.integrations import dequantize_module_weight
+
+    from pipelines.distributed import full_weight
 
     out = {}
     for name, module in peft_model.named_modules():
@@ -327,7 +372,7 @@ def adapter_deltas(peft_model, initial: dict | None = None) -> dict[str, dict]:
         B = module.lora_B["default"].weight.detach().float()
         s = module.scaling["default"]
         delta = s * (B @ A)
-        base_w = dequantize_module_weight(module.get_base_layer()).detach().float()
+        base_w = full_weight(dequantize_module_weight(module.get_base_layer())).detach().float()
         if initial is not None and name in initial:
             A0, B0 = initial[name]
             init_prod = s * (B0 @ A0)
@@ -370,10 +415,14 @@ def health_report(peft_model, initial, cfg: TrainConfig, rank: int, train_loss: 
 class BatchSource:
     """The training data order: length-grouped batches or packed rows, reshuffled each epoch from a seeded RNG.
     Its whole state (rng + queue) is JSON, so a checkpoint can restore the exact order. `width`: packed rows get at
-    least this many columns (set for compiled layers: one shape every step)."""
+    least this many columns (set for compiled layers: one shape every step). `rank`, `world` (several processes):
+    every process keeps the same queue and each __next__ consumes `world` batches, returning the rank-th: the
+    processes together see one process's batches, and the state (hence a checkpoint) does not depend on `world`."""
 
-    def __init__(self, rows: list[tuple[list[int], list[int]]], cfg: TrainConfig, pad_id: int, device: str = "cpu"):
+    def __init__(self, rows: list[tuple[list[int], list[int]]], cfg: TrainConfig, pad_id: int, device: str = "cpu",
+                 rank: int = 0, world: int = 1):
         self.rows, self.cfg, self.pad_id, self.device = rows, cfg, pad_id, device
+        self.rank, self.world = rank, world
         self.lengths = [len(ids) for ids, _ in rows]
         self.rng = random.Random(cfg.seed)
         self.queue: list = []
@@ -388,23 +437,31 @@ class BatchSource:
     def __next__(self):
         """(ids, labels, attention mask or None, position ids or None, real tokens, padded tokens, meta); meta (packed
         rows): loss positions, targets, count and the examples' bounds, computed here on the CPU (see batch_loss)."""
-        cfg = self.cfg
-        if not self.queue:
-            self.queue = (packed_batches(self.lengths, cfg.batch_size, cfg.max_len, self.rng) if cfg.packing
-                          else length_grouped_batches(self.lengths, cfg.batch_size, self.rng))
-        batch = self.queue.pop()
+        for i in range(self.world):
+            popped = self._pop()
+            if i == self.rank:
+                batch = popped
         ready, self._ready = self._ready, None
         if ready is not None and ready[0] is batch:
             return ready[1]
         return self._collate(batch)
 
+    def _pop(self):
+        cfg = self.cfg
+        if not self.queue:
+            self.queue = (packed_batches(self.lengths, cfg.batch_size, cfg.max_len, self.rng) if cfg.packing
+                          else length_grouped_batches(self.lengths, cfg.batch_size, self.rng))
+        return self.queue.pop()
+
     def prefetch(self) -> None:
         """Collate the next batch now (and start its copy to the device), so that the next __next__ returns at once:
         called while the device is still busy with a step. Only peeks at the queue (the data order, the RNG and the
-        checkpointed state are unchanged); nothing when the queue is empty (the next epoch's shuffle stays where
-        it was)."""
-        if self.queue and (self._ready is None or self._ready[0] is not self.queue[-1]):
-            self._ready = (self.queue[-1], self._collate(self.queue[-1]))
+        checkpointed state are unchanged); nothing when this rank's next batch is not in the queue yet (the next
+        epoch's shuffle stays where it was)."""
+        if len(self.queue) > self.rank:
+            mine = self.queue[-1 - self.rank]
+            if self._ready is None or self._ready[0] is not mine:
+                self._ready = (mine, self._collate(mine))
 
     def _collate(self, batch):
         cfg = self.cfg
@@ -425,48 +482,51 @@ class BatchSource:
         return self._to(ids), self._to(labels), self._to(mask), None, int(mask.sum()), ids.numel(), {}
 
 
-def train_step(model, opt, batches: BatchSource, grad_accum: int, max_grad_norm: float = 1.0) -> dict:
+def train_step(model, opt, batches: BatchSource, grad_accum: int, max_grad_norm: float = 1.0, rank=None) -> dict:
     """One optimizer step over `grad_accum` micro-batches (mean response-token loss). The step is not applied when
     the loss is not finite. Returns loss, loss tokens, real (non-pad) and padded token counts.
 
     With a fused optimizer on the GPU the finiteness check runs on the device (the optimizer's found_inf skips the
-    update) and the loss is read once, after the whole step is queued: no device-to-host wait inside the step."""
+    update) and the loss is read once, after the whole step is queued: no device-to-host wait inside the step.
+    `rank` (several processes): this process runs grad_accum / world of the micro-batches (BatchSource hands it its
+    share), each still scaled by 1 / grad_accum; the adapter's gradients and the loss sums are then summed over the
+    processes, so every process applies the same update, the one a single process would."""
     import torch
 
+    from pipelines import distributed
+
+    rank = rank or distributed.Rank()
     opt.zero_grad(set_to_none=True)
-    loss_total, loss_tokens, real, padded = 0.0, 0, 0, 0
-    sums = []
-    on_device = bool(getattr(opt, "defaults", {}).get("fused"))
-    for _ in range(grad_accum):
+    sums, counts = [], [0, 0, 0]  # loss tokens, real tokens, padded tokens
+    for _ in range(grad_accum // rank.world):
         ids, labels, mask, pos, n_real, n_padded, meta = next(batches)
         with autocast_for(model):
             loss_sum, n = batch_loss(model, ids, labels, mask, pos, meta)
         (loss_sum / max(n, 1) / grad_accum).backward()
-        on_device = on_device and loss_sum.is_cuda
-        if on_device:
-            sums.append(loss_sum.detach().double())
-        else:
-            loss_total += float(loss_sum.detach())
-        loss_tokens, real, padded = loss_tokens + n, real + n_real, padded + n_padded
+        sums.append(loss_sum.detach().double().reshape(1))
+        counts = [counts[0] + n, counts[1] + n_real, counts[2] + n_padded]
     params = [p for p in model.parameters() if p.requires_grad]
-    if on_device and len(sums) == grad_accum:
-        total = sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+    on_device = bool(getattr(opt, "defaults", {}).get("fused")) and sums[0].is_cuda
+    stats = torch.cat([torch.cat(sums).sum().reshape(1), torch.tensor(counts, dtype=torch.float64,
+                                                                      device=sums[0].device)])
+    if rank.distributed:
+        distributed.sum_grads(params, rank)
+        distributed.all_reduce_sum(stats, rank)
+    if on_device:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.found_inf = (~torch.isfinite(total)).float()
+        opt.found_inf = (~torch.isfinite(stats[0])).float()
         try:
             opt.step()
         finally:
             del opt.found_inf
         if hasattr(batches, "prefetch"):
             batches.prefetch()  # the next batch's collation overlaps this step's queued device work
-        loss = float(total) / max(loss_tokens, 1)
-    else:
-        loss_total += sum(float(x) for x in sums)
-        loss = loss_total / max(loss_tokens, 1)
-        if math.isfinite(loss):
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            opt.step()
-    return {"loss": loss, "loss_tokens": loss_tokens, "real_tokens": real, "padded_tokens": padded}
+    loss_total, loss_tokens, real, padded = stats.tolist()
+    loss = loss_total / max(loss_tokens, 1)
+    if not on_device and math.isfinite(loss):
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+    return {"loss": loss, "loss_tokens": int(loss_tokens), "real_tokens": int(real), "padded_tokens": int(padded)}
 
 
 def make_optimizer(model, lr: float, loraplus_lr_ratio: float = 1.0, weight_decay: float = 0.0):
@@ -590,16 +650,88 @@ def _bind(tmp: Path, method: str, base_sha256: str, init_key: str, init_entry: P
 
 def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, val_data: Path, out: Path,
         parent: Path | None = None, log=print) -> Path:
-    """Train an adapter; `parent` is a previous training output to warm-start from (same init entry)."""
-    import torch
-    from registry.hashing import model_weights_hash, sha256_file
-    from transformers import AutoTokenizer
+    """Train an adapter; `parent` is a previous training output to warm-start from (same init entry). With
+    cfg.nproc > 1, launches cfg.nproc processes under torchrun (pipelines.distributed), each running this."""
+    from pipelines import distributed
 
-    init_manifest = manifest.read(init_entry)
+    if cfg.nproc > 1 and not distributed.in_worker():
+        return distributed.launch(cfg, base_path, init_entry, train_data, val_data, out, parent, log)
+    device, precision = resolve_device_precision(cfg)
+    if distributed.in_worker():
+        device = distributed.worker_device(cfg.device)
+    rank = distributed.current(cfg.strategy, device)
+    init_manifest, inputs, config, fp = _identity(cfg, base_path, init_entry, train_data, val_data, parent, precision)
+    if manifest.reusable(out, "adapter", fp) is not None:
+        log(f"train: {out} already holds this adapter (manifest matches); reusing it")
+        return Path(out)
     method = init_manifest["config"]["method"]
     spec = methods.get(method)
-    rank = init_manifest["config"]["rank"]
-    device, precision = resolve_device_precision(cfg)
+    if not rank.main:
+        log = _quiet
+    random.seed(cfg.seed)
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    train_examples, val_examples = read_jsonl(train_data), read_jsonl(val_data)
+    train_rows = lm.tokenize(train_examples, tokenizer, cfg.max_len)
+    val_rows = lm.tokenize(val_examples, tokenizer, cfg.max_len)
+    model, fast, initial = _build_model(cfg, spec, base_path, init_entry, parent, device, precision, rank, log)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise HealthCheckFailed({"passed": False, "checks": [{"name": "trainable_parameters", "value": 0,
+                                                              "threshold": "> 0", "passed": False}]})
+    lr = cfg.lr or (spec.lr / (4 if cfg.loraplus_lr_ratio > 1 else 1))
+    opt = make_optimizer(model, lr, cfg.loraplus_lr_ratio, cfg.weight_decay)
+    pad_id = tokenizer.pad_token_id
+    batches = BatchSource(train_rows, cfg, pad_id, device, rank.rank, rank.world)
+    if fast.compiled:
+        batches.width = cfg.max_len  # one shape every step: no recompiles of the layers
+    st = _resume(cfg, fp, out, model, opt, batches, method, log)
+    warmup = cfg.warmup_ratio if cfg.warmup_ratio is not None else spec.warmup
+    t0 = time.time()
+    stopped_early = _train_loop(cfg, model, opt, batches, st, _lr_schedule(lr, warmup, cfg.steps),
+                                lambda: eval_loss(model, val_rows, pad_id, rank=rank), checkpoint_dir(out), fp,
+                                method, rank, log)
+    val_loss = st["evals"][-1]["val_loss"] if st["evals"] else eval_loss(model, val_rows, pad_id, rank=rank)
+    base_val = None
+    with model.disable_adapter():
+        if not spec.residual:  # else the adapter-less model is the residual, not the base
+            base_val = eval_loss(model, val_rows, pad_id, rank=rank)
+    health = health_report(model, initial, cfg, init_manifest["config"]["rank"], st["train_loss"], val_loss,
+                           st["best_val"], trainable)
+    metrics = {
+        "train_loss": round(st["train_loss"], 5), "val_loss": round(val_loss, 5),
+        "best_val_loss": round(st["best_val"], 5), "base_val_loss": round(base_val, 5) if base_val is not None else None,
+        "steps": len(st["curve"]), "seconds": round(time.time() - t0, 2), "lr": lr, "warmup_ratio": warmup,
+        "trainable_parameters": trainable, "total_parameters": sum(p.numel() for p in model.parameters()),
+        "tokens_per_second": round(st["tokens_seen"] / max(st["train_seconds"], 1e-9), 1),
+        "padding_fraction": round(1 - st["tokens_seen"] / max(st["padded_seen"], 1), 4),
+        "train_examples": len(train_rows), "val_examples": len(val_rows),
+        "device": device, "precision": precision, "stopped_early": stopped_early,
+        "resumed_from_step": st["resumed_from"], "processes": rank.world,
+    }
+    if not health["passed"]:
+        raise HealthCheckFailed(health)
+    if rank.main:
+        _write_output(model, spec, cfg, out, base_path, init_entry, parent, init_manifest, inputs, config, metrics,
+                      st, health, train_examples, method, precision)
+        log(f"train: wrote {out} (val loss {val_loss:.3f}, {metrics['tokens_per_second']:.0f} tok/s)")
+    return Path(out)
+
+
+def _quiet(*args) -> None:
+    """The log of a rank other than 0 (rank 0 alone reports)."""
+
+
+def _identity(cfg: TrainConfig, base_path, init_entry, train_data, val_data, parent, precision: str):
+    """(init manifest, input hashes, identity config, fingerprint) of a run, after checking that the inputs fit
+    together (the init entry is of this base; a parent started from this init)."""
+    from registry.hashing import model_weights_hash, sha256_file
+
+    init_manifest = manifest.read(init_entry)
     inputs = {
         "base_sha256": model_weights_hash(Path(base_path)),
         "init_key": init_manifest["key"],
@@ -617,79 +749,85 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
             raise ValueError(f"parent adapter {parent} started from init {pm['inputs']['init_key']}, not "
                              f"{init_manifest['key']}; warm-start only from the same init (method, rank, base)")
     config = {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY}
-    fp = manifest.fingerprint("adapter", config, inputs)
-    if manifest.reusable(out, "adapter", fp) is not None:
-        log(f"train: {out} already holds this adapter (manifest matches); reusing it")
-        return Path(out)
+    return init_manifest, inputs, config, manifest.fingerprint("adapter", config, inputs)
 
-    lr = cfg.lr or (spec.lr / (4 if cfg.loraplus_lr_ratio > 1 else 1))
-    warmup = cfg.warmup_ratio if cfg.warmup_ratio is not None else spec.warmup
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    train_examples, val_examples = read_jsonl(train_data), read_jsonl(val_data)
-    train_rows = lm.tokenize(train_examples, tokenizer, cfg.max_len)
-    val_rows = lm.tokenize(val_examples, tokenizer, cfg.max_len)
+
+def _build_model(cfg: TrainConfig, spec, base_path, init_entry, parent, device: str, precision: str, rank, log):
+    """(model in train mode on its device, fast path, initial adapter factors or None). Under fsdp the frozen
+    decoder layers are sharded over the ranks before anything moves to the device."""
+    from pipelines import distributed, fast_train
+
     model = lm.build_model(Path(base_path), Path(init_entry),
                            adapter=(Path(parent) / "adapter_native") if parent else None)
-    model = prepare_precision(model.to(device), precision)
+    fsdp = rank.distributed and cfg.strategy == "fsdp"
+    if fsdp:
+        model = prepare_precision(model, precision)
+        n = distributed.shard_model(model, rank)
+        model = model.to(device)
+        log(f"train: fsdp: the frozen weights of {n} decoder layers sharded over {rank.world} processes")
+    else:
+        model = prepare_precision(model.to(device), precision)
     if spec.fast_forward is not None and cfg.fast_dora:
         spec.fast_forward(model)
-    from pipelines import fast_train
-
-    fast = fast_train.enable(model, device, fast_kernels=cfg.fast_kernels, compile=cfg.compile,
+    # regional torch.compile is off under fsdp: FSDP2's per-layer hooks would be traced into each graph
+    fast = fast_train.enable(model, device, fast_kernels=cfg.fast_kernels, compile="off" if fsdp else cfg.compile,
                              attention=cfg.attention, precision=precision, log=log)
     model.train()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
     initial = None
     if spec.residual or parent is not None:  # the adapter does not start at zero: health measures from its start
         initial = {n: (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone())
                    for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
-    if trainable == 0:
-        raise HealthCheckFailed({"passed": False, "checks": [{"name": "trainable_parameters", "value": 0,
-                                                              "threshold": "> 0", "passed": False}]})
-    opt = make_optimizer(model, lr, cfg.loraplus_lr_ratio, cfg.weight_decay)
-    warmup_steps = max(1, int(warmup * cfg.steps))
+    return model, fast, initial
+
+
+def _lr_schedule(lr: float, warmup: float, steps: int):
+    """lr_at(step): linear warm-up over warmup * steps steps (at least 1), then cosine decay to 0."""
+    warmup_steps = max(1, int(warmup * steps))
 
     def lr_at(step: int) -> float:
         if step < warmup_steps:
             return lr * (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, cfg.steps - warmup_steps)
+        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
         return lr * 0.5 * (1 + math.cos(math.pi * progress))
 
-    pad_id = tokenizer.pad_token_id
-    batches = BatchSource(train_rows, cfg, pad_id, device)
-    if fast.compiled:
-        batches.width = cfg.max_len  # one shape every step: no recompiles of the layers
+    return lr_at
+
+
+def _resume(cfg: TrainConfig, fp: str, out: Path, model, opt, batches: BatchSource, method: str, log) -> dict:
+    """The run's state (curves, counters, and `start`: the step to continue from): restored from the newest
+    checkpoint of this exact run when checkpoints are on (every rank reads it), else fresh. Stale checkpoints go."""
     st = {"curve": [], "evals": [], "best_val": float("inf"), "bad_evals": 0, "tokens_seen": 0, "padded_seen": 0,
-          "train_loss": float("nan"), "train_seconds": 0.0, "resumed_from": None}
+          "train_loss": float("nan"), "train_seconds": 0.0, "resumed_from": None, "start": 0}
     ckpt_root = checkpoint_dir(out)
-    start = 0
     if cfg.checkpoint_every:
         meta = load_checkpoint(ckpt_root, fp, model, opt, batches.rng, log=log)
         if meta is not None:
-            start, batches.queue = meta["step"], meta["queue"]
-            st.update({k: meta[k] for k in st if k in meta})
-            st["resumed_from"] = start
-            log(f"train {method}: resuming from the checkpoint at step {start} ({ckpt_root})")
-    elif ckpt_root.exists():
+            st["start"], batches.queue = meta["step"], meta["queue"]
+            st.update({k: meta[k] for k in st if k in meta and k != "start"})
+            st["resumed_from"] = st["start"]
+            log(f"train {method}: resuming from the checkpoint at step {st['start']} ({ckpt_root})")
+    elif ckpt_root.exists() and batches.rank == 0:
         shutil.rmtree(ckpt_root, ignore_errors=True)
-    bar = _progress(cfg, method, start)
+    return st
+
+
+def _train_loop(cfg: TrainConfig, model, opt, batches: BatchSource, st: dict, lr_at, evaluate, ckpt_root: Path,
+                fp: str, method: str, rank, log) -> bool:
+    """Steps st["start"] .. cfg.steps: optimizer steps, evaluations (early stopping), checkpoints (rank 0 writes
+    them). Updates `st` in place; True when it stopped early."""
+    bar = _progress(cfg, method, st["start"])  # a worker's stderr is a log file: no bar there
     t0 = time.time()
-    stopped_early = False
     try:
-        for step in range(start, cfg.steps):
+        for step in range(st["start"], cfg.steps):
             t_step = time.perf_counter()
             for g in opt.param_groups:
                 g["lr"] = lr_at(step) * g["lr_mult"]
-            out_step = train_step(model, opt, batches, cfg.grad_accum)
+            out_step = train_step(model, opt, batches, cfg.grad_accum, rank=rank)
             train_loss = out_step["loss"]
             if not math.isfinite(train_loss):
-                report = {"passed": False, "checks": [{"name": "finite_loss", "value": train_loss,
-                                                       "threshold": "finite", "passed": False,
-                                                       "where": f"step {step + 1}"}]}
-                raise HealthCheckFailed(report)
+                raise HealthCheckFailed({"passed": False, "checks": [
+                    {"name": "finite_loss", "value": train_loss, "threshold": "finite", "passed": False,
+                     "where": f"step {step + 1}"}]})
             st["tokens_seen"] += out_step["real_tokens"]
             st["padded_seen"] += out_step["padded_tokens"]
             st["train_seconds"] += time.perf_counter() - t_step
@@ -698,7 +836,7 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
             bar.update(1)
             bar.set_postfix_str(f"loss {train_loss:.3f}")
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                val = eval_loss(model, val_rows, pad_id)
+                val = evaluate()
                 st["evals"].append({"step": step + 1, "val_loss": round(val, 5)})
                 log(f"train {method}: step {step + 1}/{cfg.steps} loss {train_loss:.3f} val {val:.3f} "
                     f"({time.time() - t0:.0f}s)")
@@ -708,34 +846,21 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
                     st["bad_evals"] += 1
                     if cfg.early_stopping_patience and st["bad_evals"] >= cfg.early_stopping_patience:
                         log(f"train: early stop at step {step + 1} (no val improvement in {st['bad_evals']} evals)")
-                        stopped_early = True
-                        break
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                save_checkpoint(ckpt_root, fp, step + 1, model, opt, batches.rng, {**st, "queue": batches.queue})
+                        return True
+            if rank.main and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                save_checkpoint(ckpt_root, fp, step + 1, model, opt, batches.rng,
+                                {**{k: v for k, v in st.items() if k != "start"}, "queue": batches.queue})
     finally:
         bar.close()
-    train_loss, curve, evals, best_val = st["train_loss"], st["curve"], st["evals"], st["best_val"]
-    val_loss = evals[-1]["val_loss"] if evals else eval_loss(model, val_rows, pad_id)
-    base_val = None
-    with model.disable_adapter():
-        if not spec.residual:  # else the adapter-less model is the residual, not the base
-            base_val = eval_loss(model, val_rows, pad_id)
-    health = health_report(model, initial, cfg, rank, train_loss, val_loss, best_val, trainable)
-    seconds = time.time() - t0
-    metrics = {
-        "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5), "best_val_loss": round(best_val, 5),
-        "base_val_loss": round(base_val, 5) if base_val is not None else None,
-        "steps": len(curve), "seconds": round(seconds, 2), "lr": lr, "warmup_ratio": warmup,
-        "trainable_parameters": trainable, "total_parameters": total,
-        "tokens_per_second": round(st["tokens_seen"] / max(st["train_seconds"], 1e-9), 1),
-        "padding_fraction": round(1 - st["tokens_seen"] / max(st["padded_seen"], 1), 4),
-        "train_examples": len(train_rows), "val_examples": len(val_rows),
-        "device": device, "precision": precision, "stopped_early": stopped_early,
-        "resumed_from_step": st["resumed_from"],
-    }
-    if not health["passed"]:
-        raise HealthCheckFailed(health)
-    if precision == "bf16":  # save fp32 adapters, whatever the frozen base ran in
+    return False
+
+
+def _write_output(model, spec, cfg: TrainConfig, out: Path, base_path, init_entry, parent, init_manifest: dict,
+                  inputs: dict, config: dict, metrics: dict, st: dict, health: dict, train_examples, method: str,
+                  precision: str) -> None:
+    """The output directory (adapter/, adapter_native/, bindings, manifest), atomically; then the checkpoints go."""
+    sharded = any(hasattr(p, "full_tensor") for p in model.parameters())  # fsdp: the adapter itself is fp32 already
+    if precision == "bf16" and not sharded:  # save fp32 adapters, whatever the frozen base ran in
         model = model.float()
     for peft_cfg in model.peft_config.values():  # a warm start loaded its parent's marked native config
         peft_cfg.base_model_name_or_path = str(base_path)
@@ -743,10 +868,9 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
         model.save_pretrained(tmp / "adapter_native")
         spec.export(model, tmp, init_entry)
         _bind(tmp, method, inputs["base_sha256"], init_manifest["key"], init_entry)
-        manifest.write(tmp, "adapter", config, inputs, method=method, rank=rank, metrics=metrics, curve=curve,
-                       evals=evals, health=health, data={"train_categories": category_counts(train_examples)},
-                       base_path=str(base_path), parent_path=str(parent) if parent else None,
+        manifest.write(tmp, "adapter", config, inputs, method=method, rank=init_manifest["config"]["rank"],
+                       metrics=metrics, curve=st["curve"], evals=st["evals"], health=health,
+                       data={"train_categories": category_counts(train_examples)}, base_path=str(base_path),
+                       parent_path=str(parent) if parent else None,
                        settings={k: getattr(cfg, k) for k in NOT_IDENTITY})
-    shutil.rmtree(ckpt_root, ignore_errors=True)
-    log(f"train: wrote {out} (val loss {val_loss:.3f}, {metrics['tokens_per_second']:.0f} tok/s)")
-    return Path(out)
+    shutil.rmtree(checkpoint_dir(out), ignore_errors=True)

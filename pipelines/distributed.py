@@ -1,0 +1,349 @@
+"""Training on several processes of one host: the torchrun launch, each rank's process group, the gradient sum, FSDP2.
+
+Run:  adapterops train ... --nproc 2 [--strategy fsdp]        (TrainConfig.nproc / strategy)
+
+pipelines.train.run with nproc > 1 calls launch(): PyTorch's own launcher (`python -m torch.distributed.run`) starts
+nproc workers on this host (c10d rendezvous on 127.0.0.1 at a free port, no restarts), each of which runs
+worker_main -> pipelines.train.run again, now inside the process group (current() says which rank it is). Backend
+gloo on the CPU, nccl on CUDA (rank r on cuda:r).
+
+What each strategy does (pipelines.train calls the pieces below):
+- Data: every rank builds the same data order (same seed, same BatchSource) and takes, of each optimizer step's
+  grad_accum micro-batches, those with index k % world == rank (grad_accum must be a multiple of nproc). The
+  global batch, its order and the loss scaling (1 / grad_accum per micro-batch) are those of one process, so the
+  loss curve and the adapter equal one process's up to the order of floating-point sums.
+- ddp: the model is replicated; after the backward, the gradients of the trainable (adapter) parameters are summed
+  over the ranks with ONE all-reduce of a flat buffer (sum_grads). The frozen base has no gradients, so nothing
+  else needs reducing; the adapter is a few MB, which is why torch's DistributedDataParallel wrapper (bucketing to
+  overlap the all-reduce with the backward) is not used: it would save well under a millisecond per step and
+  would change the module tree that saving and exporting walk.
+- fsdp: FSDP2 (`torch.distributed.fsdp.fully_shard`) shards each decoder layer's FROZEN weights over the ranks (a
+  layer is all-gathered just for its forward and backward). The adapter parameters are left out of the sharding
+  (ignored_params): replicated, summed with sum_grads exactly as under ddp, so checkpoints, the health report's
+  adapter factors and the exported adapter are plain tensors on every rank. The embeddings, final norm and output
+  layer stay replicated (unsharded) too: the step calls the decoder and the output layer separately
+  (train.batch_loss), and tied embeddings cannot sit in two FSDP units.
+- Rank 0 alone writes checkpoints, the manifest and the adapters and logs; every rank reads a checkpoint on resume
+  (they are world-size independent: a run may resume with another nproc).
+
+A failing rank ends the run (torchrun stops the others); launch() raises DistributedTrainingFailed naming the first
+rank that failed, its error and the tail of its log, or HealthCheckFailed with the report when that was the cause.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+STRATEGIES = ("ddp", "fsdp")
+LOG_MARK = "@@adapterops-train-log@@ "  # rank 0's log lines on its stdout, forwarded by launch() to its `log`
+REPO = Path(__file__).resolve().parents[1]
+
+
+class DistributedTrainingFailed(RuntimeError):
+    """A rank of a multi-process training run failed; `rank` is the first to fail (None when unknown)."""
+
+    def __init__(self, message: str, rank: int | None = None):
+        super().__init__(message)
+        self.rank = rank
+
+
+@dataclass(frozen=True)
+class Rank:
+    """Where this process stands: rank of world (world 1 = not distributed), its device and strategy."""
+
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    strategy: str = "ddp"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def current(strategy: str = "ddp", device: str = "cpu") -> Rank:
+    """The Rank of this process: world 1 unless a process group is up (launched by torchrun)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return Rank(device=device)
+    return Rank(dist.get_rank(), dist.get_world_size(), device, strategy)
+
+
+def in_worker() -> bool:
+    """True inside a worker that launch() started (then train.run trains instead of launching again)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("ADAPTEROPS_DIST_WORKER") == "1"
+
+
+def worker_device(device: str) -> str:
+    """A rank's device: cuda:LOCAL_RANK for auto/cuda, cpu for cpu."""
+    import torch
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; use device: cpu (or auto)")
+    if local >= torch.cuda.device_count():
+        raise ValueError(f"rank with local rank {local} has no GPU: torch sees {torch.cuda.device_count()}; "
+                         f"lower nproc to at most the number of GPUs")
+    return f"cuda:{local}"
+
+
+# -- the pieces the training step uses ------------------------------------------------------------------------------
+
+def all_reduce_sum(t, rank: Rank):
+    """Sum `t` over the ranks in place (nothing on one process); returns it."""
+    if rank.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def sum_grads(params, rank: Rank) -> None:
+    """Sum the gradients of `params` (the adapter: replicated under both strategies) over the ranks, one flat
+    all-reduce. A parameter without a gradient on this rank counts as zero (and gets the sum)."""
+    import torch
+
+    if not rank.distributed:
+        return
+    params = list(params)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    all_reduce_sum(flat, rank)
+    at = 0
+    for p in params:
+        p.grad.copy_(flat[at : at + p.numel()].view_as(p.grad))
+        at += p.numel()
+
+
+def broadcast_params(params, rank: Rank) -> None:
+    """Rank 0's values of `params` on every rank (the adapter starts identical everywhere, whatever each loaded)."""
+    if not rank.distributed:
+        return
+    import torch.distributed as dist
+
+    for p in params:
+        dist.broadcast(p.data, src=0)
+
+
+def full_weight(w):
+    """A frozen weight as a plain tensor: an FSDP2 shard (DTensor) is all-gathered (a collective: every rank calls
+    it in the same order), anything else is returned as is."""
+    return w.full_tensor() if hasattr(w, "full_tensor") else w
+
+
+def shard_model(model, rank: Rank) -> int:
+    """FSDP2: shard each decoder layer's frozen weights over the ranks (the adapter parameters left out and
+    replicated). Returns the number of layers sharded; the caller moves the rest of the model to the device."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters()):
+        raise ValueError("strategy fsdp does not shard a bitsandbytes-quantized base (QLoRA, QPiSSA); "
+                         "use strategy: ddp, or a method without base quantization")
+    device = torch.device(rank.device)
+    mesh = init_device_mesh(device.type, (rank.world,))
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(causal, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"strategy fsdp needs a decoder with .model.layers (Llama-like); "
+                         f"{type(causal).__name__} has none: use strategy: ddp")
+    adapter = {p for p in model.parameters() if p.requires_grad}
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True,
+                    ignored_params={p for p in layer.parameters() if p in adapter})
+    for p in adapter:  # left out of the sharding: move them like the rest of the unsharded model
+        p.data = p.data.to(device)
+    return len(layers)
+
+
+# -- the launcher and the worker ------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL (a launcher gets SIGTERM, which torchrun turns into stopping its workers)
+    when its parent dies, so a killed run leaves no orphan rank training on."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL if in_worker() else signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _launcher_death_signal() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def torchrun_command(nproc: int, spec: Path, log_dir: Path, join_timeout_s: int = 120) -> list[str]:
+    """The launcher's command line: one node, nproc workers, c10d rendezvous on 127.0.0.1 at a free port, no
+    restarts (a failure is reported, not retried), each rank's stdout/stderr to log_dir, rank 0's echoed."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+            "--max-restarts", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+            "--rdzv-id", uuid.uuid4().hex[:12], "--rdzv-conf", f"join_timeout={join_timeout_s}",
+            "--log-dir", str(log_dir), "--redirects", "3", "--tee", "1", "--local-ranks-filter", "0",
+            "-m", "pipelines.distributed", str(spec)]
+
+
+def launch(cfg, base_path: Path, init_entry: Path, train_data: Path, val_data: Path, out: Path,
+           parent: Path | None = None, log=print) -> Path:
+    """Run pipelines.train.run on cfg.nproc processes under torchrun; rank 0's log lines go to `log`. Returns
+    `out` (written by rank 0). Raises HealthCheckFailed (a rank's health check failed) or DistributedTrainingFailed."""
+    from dataclasses import asdict
+
+    work = Path(tempfile.mkdtemp(prefix="adapterops-dist-"))
+    spec = work / "spec.json"
+    spec.write_text(json.dumps({"config": asdict(cfg), "base": str(base_path), "init_entry": str(init_entry),
+                                "train": str(train_data), "val": str(val_data), "out": str(out),
+                                "parent": str(parent) if parent else None, "failures": str(work / "failures")}))
+    threads = max(1, (os.cpu_count() or 1) // cfg.nproc)
+    env = {**os.environ, "ADAPTEROPS_DIST_WORKER": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
+                                                                                           str(threads)),
+           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    cmd = torchrun_command(cfg.nproc, spec, work / "logs")
+    log(f"train: launching {cfg.nproc} processes ({cfg.strategy}) under torchrun; rank logs in {work / 'logs'}")
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1, preexec_fn=_launcher_death_signal)
+    try:
+        for line in proc.stdout:
+            if LOG_MARK in line:
+                log(line.split(LOG_MARK, 1)[1].rstrip("\n"))
+            else:
+                tail.append(line.rstrip("\n"))
+        rc = proc.wait()
+    except BaseException:
+        proc.terminate()  # torchrun stops its workers on SIGTERM
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    if rc != 0:
+        _raise_failure(work, cfg.nproc, rc, list(tail))
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return Path(out)
+
+
+def _rank_log_tail(work: Path, rank: int, n: int = 25) -> str:
+    logs = sorted((work / "logs").glob(f"**/attempt_*/{rank}/stderr.log"))
+    if not logs:
+        return "(no log)"
+    lines = logs[-1].read_text(errors="replace").splitlines()
+    return "\n".join(f"  | {x}" for x in lines[-n:])
+
+
+def _raise_failure(work: Path, nproc: int, rc: int, launcher_tail: list[str]):
+    from pipelines.train import HealthCheckFailed
+
+    failures = sorted((json.loads(p.read_text()) for p in (work / "failures").glob("rank-*.json")),
+                      key=lambda f: f["time"])
+    if failures and failures[0].get("health") is not None:
+        raise HealthCheckFailed(failures[0]["health"])
+    if failures:
+        first = failures[0]
+        rank, cause = first["rank"], first["error"]
+    else:  # no rank recorded an exception: one died from a signal (OOM killer, kill -9) or crashed
+        rank, cause = None, "no rank recorded an exception (a rank was killed by a signal or crashed)"
+        for line in launcher_tail:
+            if "rank" in line and ("exitcode" in line or "Signal" in line or "signal" in line):
+                cause = line.strip()
+        for line in launcher_tail:  # torchrun's failure summary: "rank      : 1 (local_rank: 1)"
+            s = line.strip()
+            if s.startswith("rank") and ":" in s and "local_rank" in s:
+                try:
+                    rank = int(s.split(":", 1)[1].split("(")[0])
+                except ValueError:
+                    pass
+                break
+    where = f"rank {rank} of {nproc}" if rank is not None else f"a rank of {nproc}"
+    body = _rank_log_tail(work, rank) if rank is not None else "\n".join(f"  | {x}" for x in launcher_tail[-25:])
+    raise DistributedTrainingFailed(
+        f"distributed training failed: {where} failed first ({cause}); torchrun exited {rc}. Its log ends:\n{body}\n"
+        f"All ranks' logs: {work / 'logs'}. Fix that rank's error and re-run (checkpoints, if any, resume).",
+        rank)
+
+
+def _config_from_dict(d: dict):
+    from pipelines.train import HealthConfig, TrainConfig
+
+    return TrainConfig(**{**d, "health": HealthConfig(**d["health"])})
+
+
+def worker_main(spec_path: str) -> None:
+    """One rank: join the process group, train (pipelines.train.run), record a failure for the launcher."""
+    import datetime
+
+    import torch.distributed as dist
+
+    _die_with_parent()
+    spec = json.loads(Path(spec_path).read_text())
+    rank = int(os.environ["RANK"])
+    try:
+        cfg = _config_from_dict(spec["config"])
+        device = worker_device(cfg.device)
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
+        if rank == 0:
+            def log(*a):
+                print(LOG_MARK + " ".join(map(str, a)), flush=True)
+        else:
+            def log(*a):
+                print(f"rank {rank}:", *a, file=sys.stderr, flush=True)
+        from pipelines import train
+
+        train.run(cfg, Path(spec["base"]), Path(spec["init_entry"]), Path(spec["train"]), Path(spec["val"]),
+                  Path(spec["out"]), parent=Path(spec["parent"]) if spec["parent"] else None, log=log)
+    except BaseException as e:
+        failures = Path(spec["failures"])
+        failures.mkdir(parents=True, exist_ok=True)
+        record = {"rank": rank, "time": time.time(), "error": f"{type(e).__name__}: {e}".strip()[:2000],
+                  "traceback": traceback.format_exc(), "health": getattr(e, "report", None)}
+        (failures / f"rank-{rank}.json").write_text(json.dumps(record, default=str))
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)  # no process-group teardown: the peers may be dead, and torchrun stops the rest
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1])
