@@ -6,6 +6,7 @@ Run:  adapterops --help;  adapterops <command> --help
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 from pipelines.config import CONFIG_DIR, REPO_ROOT
+from pipelines.options import Options
 
 DEFAULT_BASE = REPO_ROOT / "models" / "tiny-llama"
 
@@ -64,30 +66,13 @@ def cmd_demo(args) -> int:
     return 0 if summary["champion"] else 1
 
 
-def _add_engine_args(p) -> None:
-    p.add_argument("--engine", choices=("builtin", "vllm", "pool"), default="builtin",
-                   help="what runs the model: builtin (in process, batched, default), vllm (vLLM OpenAI servers: "
-                        "--vllm-url or --vllm-launch), pool (one request at a time, greedy only)")
-    p.add_argument("--vllm-url", action="append", default=[], metavar="URL",
-                   help="a running vLLM server (started with --enable-lora); repeat for replicas")
-    p.add_argument("--vllm-launch", action="store_true",
-                   help="start and supervise a local vLLM server (from .venv-vllm: `make vllm-venv`)")
-    p.add_argument("--vllm-python", default=None, help="python of the vLLM virtualenv for --vllm-launch")
-    p.add_argument("--device", default="cpu", help="builtin engine's device: cpu (default) or cuda[:N]")
-    p.add_argument("--max-loras", type=int, default=8, help="adapters held by the engine at once (default 8)")
-    p.add_argument("--max-lora-rank", type=int, default=64, help="highest adapter rank the engine takes (default 64)")
-
-
 def _engine_spec(args):
-    from pipelines.serve import EngineSpec
-
-    for flag, value in (("--max-loras", args.max_loras), ("--max-lora-rank", args.max_lora_rank)):
+    opts = command_options()[(args.command,)]["engine"]
+    for flag, value in (("--max-loras", args.engine_max_loras), ("--max-lora-rank", args.engine_max_lora_rank)):
         if value < 1:
             raise CliError(f"{flag} must be at least 1, got {value}")
     try:
-        return EngineSpec(kind=args.engine, device=args.device, max_loras=args.max_loras,
-                          max_lora_rank=args.max_lora_rank, vllm_urls=list(args.vllm_url),
-                          vllm_launch=args.vllm_launch, vllm_python=args.vllm_python)
+        return opts.build(args)
     except ValueError as e:
         raise CliError(str(e)) from None
 
@@ -105,17 +90,15 @@ def cmd_base_build(args, rest) -> int:
 def _init_cfg(args):
     import math
 
-    from pipelines.init_cache import DEFAULT_TARGETS, InitConfig
     from pipelines.lm import require_bitsandbytes
 
-    if not (math.isfinite(args.alpha) and args.alpha > 0):
-        raise CliError(f"--alpha is the LoRA scaling numerator and must be a positive number, got {args.alpha}")
-    targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else DEFAULT_TARGETS
-    if not all(targets):
-        raise CliError(f"--targets {args.targets!r} holds an empty module name; pass comma-separated names such as "
+    if not (math.isfinite(args.init_alpha) and args.init_alpha > 0):
+        raise CliError(f"--alpha is the LoRA scaling numerator and must be a positive number, got {args.init_alpha}")
+    targets = args.init_target_modules
+    if isinstance(targets, str) and not all(t.strip() for t in targets.split(",")):
+        raise CliError(f"--targets {targets!r} holds an empty module name; pass comma-separated names such as "
                        "q_proj,v_proj (or leave it out for every Llama linear)")
-    cfg = InitConfig(method=args.method, rank=args.rank, alpha=args.alpha, target_modules=targets,
-                     svd_niter=args.svd_niter, device=args.init_device, base_quant=args.base_quant)
+    cfg = command_options()[(args.command,)]["init"].build(args)
     if cfg.base_quant != "none":
         try:
             require_bitsandbytes(cfg.base_quant)
@@ -226,12 +209,7 @@ def cmd_train(args) -> int:
         raise CliError(f"--parent {args.parent} is not a training output (no manifest.json); pass the --out of an "
                        "earlier `adapterops train`")
     cfg = _load_yaml_config(train.TrainConfig, args.config) if args.config else train.TrainConfig()
-    for flag in ("steps", "device", "precision", "checkpoint_every"):
-        if getattr(args, flag) is not None:  # a flag wins over the YAML
-            setattr(cfg, flag, getattr(args, flag))
-    if args.packing:
-        cfg.packing = True
-    cfg.__post_init__()
+    cfg = command_options()[("train",)]["train"].build(args, base=cfg)  # a flag wins over the YAML
     init_cfg = _init_cfg(args)
     store = open_store(args.store, os.environ.get("AWS_ENDPOINT_URL"))
     init = init_cache.run(init_cfg, Path(args.base), store, Path(args.scratch))
@@ -250,9 +228,7 @@ def cmd_merge(args) -> int:
         if Path(args.report_json).is_dir():
             raise CliError(f"--report-json {args.report_json} is a directory; pass a file path")
     cfg = _load_yaml_config(mq.MergeConfig, args.config) if args.config else mq.MergeConfig()
-    if args.quantize is not None:  # the flag wins over the YAML; without it the YAML (or the default) holds
-        cfg.quantize = args.quantize
-        cfg.__post_init__()
+    cfg = command_options()[("merge",)]["merge"].build(args, base=cfg)  # a flag wins over the YAML
     try:
         out = mq.run(cfg, Path(args.base), Path(args.adapter), Path(args.val), Path(args.out),
                      expect_golden=Path(args.expect_golden) if args.expect_golden else None)
@@ -441,40 +417,38 @@ def cmd_retrain(args) -> int:
 # -- schedules ---------------------------------------------------------------------------------------------------
 
 def cmd_schedules(args) -> int:
-    """Serve the Prefect deployments of infra/prefect_deployments.py (monitor checks, reference perplexity,
-    retraining on cron and on drift alerts) until interrupted."""
-    for flag, value in (("--monitor-interval", args.monitor_interval), ("--ppl-interval", args.ppl_interval)):
+    """Serve the Prefect deployments of pipelines/schedules.py (monitor checks, reference perplexity, retraining on
+    a jittered cron and on drift alerts) until interrupted."""
+    for flag, value in (("--monitor-interval", args.schedule_monitor_interval),
+                        ("--ppl-interval", args.schedule_ppl_interval)):
         if value < 1:
             raise CliError(f"{flag} must be at least 1 second, got {value}")
     from pipelines.lifecycle import load_config
 
-    _check_text_file(args.config, "--config", "a UTF-8 YAML file (see configs/demo.yaml)")
-    cfg = load_config(args.config)  # validate before starting anything
+    _check_text_file(args.schedule_retrain_config, "--config", "a UTF-8 YAML file (see configs/demo.yaml)")
+    cfg = load_config(args.schedule_retrain_config)  # validate before starting anything
+    schedule = command_options()[("schedules", "serve")]["schedule"].build(args)
+    schedule.families = schedule.families or [cfg.family]
+    schedule.retrain_config = str(Path(schedule.retrain_config).resolve())
+    if schedule.data_dir:
+        schedule.data_dir = str(Path(schedule.data_dir).resolve())
     _prefect_env(args.workdir)
     ws = _workspace(args)  # checks the base model, creates the work dir
     import contextlib
 
-    from infra import prefect_deployments as deployments
+    from pipelines import schedules
 
     env = {**os.environ, "ADAPTEROPS_WORKDIR": str(ws.root), "ADAPTEROPS_BASE_DIR": str(ws.base_path),
-           "ADAPTEROPS_PROFILE": args.profile, "ADAPTEROPS_RETRAIN_CONFIG": str(Path(args.config).resolve()),
-           "ADAPTEROPS_FAMILY": ",".join(args.family or [cfg.family]),
-           "ADAPTEROPS_MONITOR_INTERVAL": str(args.monitor_interval),
-           "ADAPTEROPS_PPL_INTERVAL": str(args.ppl_interval), "ADAPTEROPS_RETRAIN_CRON": args.retrain_cron}
-    if args.data_dir:
-        env["ADAPTEROPS_DATA_DIR"] = str(Path(args.data_dir).resolve())
+           "ADAPTEROPS_PROFILE": args.profile}
     with contextlib.ExitStack() as stack:
         if not os.environ.get("PREFECT_API_URL"):  # set by the profile, the environment, or here
-            try:
-                url = stack.enter_context(deployments.local_server(os.environ["PREFECT_HOME"]))
-            except RuntimeError as e:
-                raise CliError(str(e)) from None
+            url = stack.enter_context(schedules.local_server(os.environ["PREFECT_HOME"]))
             os.environ["PREFECT_API_URL"] = url
             stack.callback(os.environ.pop, "PREFECT_API_URL", None)
         print(f"Prefect API: {os.environ['PREFECT_API_URL']}", flush=True)
-        built = deployments.build_deployments(env)
-        print(deployments.describe(built), flush=True)
-        deployments.serve(built)
+        built = schedules.build_deployments(env, schedule)
+        print(schedules.describe(built, schedule), flush=True)
+        schedules.serve(built)
     return 0
 
 
@@ -545,7 +519,7 @@ def describe_error(e: BaseException, command: str | None = None) -> tuple[str, i
         _loaded("registry.store", "ArtifactNotFound"), _loaded("registry.store", "StoreUnreachable"),
         _loaded("pipelines.lm", "SchemeUnavailable"), _loaded("serving.rollout", "RolloutError"),
         _loaded("serving.client", "AdminAPIError"), _loaded("serving.engine", "AdapterLoadError"),
-        _loaded("serving.engine", "EngineError"),
+        _loaded("serving.engine", "EngineError"), _loaded("pipelines.schedules", "PrefectUnavailable"),
     ) if c)
     if ours and isinstance(e, ours):
         config_error, data_error = _loaded("pipelines.config", "ConfigError"), _loaded("pipelines.data", "DataError")
@@ -596,71 +570,115 @@ def describe_error(e: BaseException, command: str | None = None) -> tuple[str, i
 
 
 # -- parser ------------------------------------------------------------------------------------------------------
+# The options of every stage's config come from its dataclass (pipelines/options.py: one flag per field, its type,
+# default and help from the dataclass, choices from the registries); the rest are a command's inputs and outputs.
+# tests/unit/test_cli_options.py checks both ways that every field a command uses has a flag and every flag is a
+# field or a declared input.
 
-def build_parser() -> argparse.ArgumentParser:
-    from pipelines import lm, methods  # light: no torch at import
-    from pipelines.init_cache import BASE_QUANTS
-    p = argparse.ArgumentParser(prog="adapterops", description="The lifecycle of LLM adapters: init cache, training, "
-                                "gated merge-and-quantize, MLflow versions, canary serving, drift-driven retraining.")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also ADAPTEROPS_DEBUG=1)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+WORKDIR_HELP = "where everything is written (default work/demo)"
+PROFILE_HELP = "local (default) | production | path to a profile YAML"
 
-    d = sub.add_parser("demo", help="run the whole lifecycle on the tiny base (offline, CPU)")
-    d.add_argument("--workdir", default="work/demo", help="where everything is written (default work/demo)")
+
+@functools.cache
+def command_options() -> dict[tuple[str, ...], dict[str, Options]]:
+    """Per command (its path of subcommand names), the config dataclasses whose fields are its options."""
+    from pipelines import lm, methods, serve
+    from pipelines.init_cache import BASE_QUANTS, DTYPES, InitConfig
+    from pipelines.merge_quantize import MergeConfig
+    from pipelines.schedules import ScheduleConfig
+    from pipelines.train import PRECISIONS, TrainConfig
+
+    aliases = (f"{' / '.join(methods.QUANT_ALIASES)} = {' / '.join(methods.QUANT_ALIASES.values())} with "
+               "--base-quant nf4")
+
+    def init(flags: dict) -> Options:
+        return Options(InitConfig, dest_prefix="init_", title="initialisation (InitConfig; part of the cache key)",
+                       flags={"target_modules": ("--targets",), **flags},
+                       choices={"method": methods.CHOICES, "base_quant": BASE_QUANTS, "dtype": DTYPES},
+                       helps={"method": f"training method ({', '.join(methods.METHODS)}); {aliases}",
+                              "target_modules": "module names to adapt (default: all Llama linears)",
+                              "device": "device for the initialisation, one layer at a time (cpu, cuda)",
+                              "base_quant": "train on a bitsandbytes nf4 base (QLoRA; QPiSSA with pissa); needs "
+                                            "bitsandbytes"})
+
+    nested = "a nested section: set it in the --config YAML"
+    engine = Options(serve.EngineSpec, dest_prefix="engine_", title="engine (EngineSpec)",
+                     flags={"kind": ("--engine",), "vllm_urls": ("--vllm-url",), "vllm_timeout_s": ("--vllm-timeout",)},
+                     choices={"kind": serve.ENGINES},
+                     helps={"kind": "what runs the model: builtin (in process, batched, default), vllm (vLLM OpenAI "
+                                    "servers: --vllm-url or --vllm-launch), pool (one request at a time, greedy only)",
+                            "device": "builtin engine's device: cpu (default) or cuda[:N]",
+                            "max_loras": "adapters held by the engine at once (default 8)",
+                            "max_lora_rank": "highest adapter rank the engine takes (default 64)",
+                            "vllm_urls": "a running vLLM server (started with --enable-lora); repeat for replicas",
+                            "vllm_launch": "start and supervise a local vLLM server (from .venv-vllm: "
+                                           "`make vllm-venv`)",
+                            "vllm_python": "python of the vLLM virtualenv for --vllm-launch",
+                            "vllm_timeout_s": "seconds to wait for a vLLM server's answer (default 60)"})
+    return {
+        ("init-cache",): {"init": init({"device": ("--device", "--init-device")})},
+        # --device is where training runs; the init's own seed and dtype get the init- prefix
+        ("train",): {"init": init({"device": ("--init-device",), "seed": ("--init-seed",), "dtype": ("--init-dtype",)}),
+                     "train": Options(TrainConfig, override=True, dest_prefix="train_", skip={"health": nested},
+                                      choices={"precision": PRECISIONS}, title="training (TrainConfig; a flag wins "
+                                      "over the --config YAML)")},
+        ("merge",): {"merge": Options(MergeConfig, override=True, dest_prefix="merge_", skip={"gates": nested},
+                                      choices={"quantize": lm.SCHEMES, "dtype": ("float32", "bfloat16")},
+                                      helps={"quantize": "quantization scheme (default: the config's, nf4)"},
+                                      title="merge and gates (MergeConfig; a flag wins over the --config YAML)")},
+        ("demo",): {"engine": engine},
+        ("serve",): {"engine": engine},
+        ("schedules", "serve"): {"schedule": Options(
+            ScheduleConfig, dest_prefix="schedule_", title="schedules (ScheduleConfig)",
+            flags={"families": ("--family",), "retrain_config": ("--config",)},
+            skip={"pool_concurrency": "a work pool's setting; `schedules serve` runs the flows in its own process "
+                                      "(set it with `python -m infra.prefect_deployments apply --pool-concurrency N`)"})},
+    }
+
+
+def _leaf(sub, name: str, help: str, path: tuple[str, ...] | None = None, func=None) -> argparse.ArgumentParser:
+    """A command's parser with the options of its configs (command_options()) and its handler."""
+    q = sub.add_parser(name, help=help)
+    for opts in command_options().get(path or (name,), {}).values():
+        opts.add_to(q)
+    if func is not None:
+        q.set_defaults(func=func)
+    return q
+
+
+def _add_lifecycle_commands(sub) -> None:
+    d = _leaf(sub, "demo", "run the whole lifecycle on the tiny base (offline, CPU)", func=cmd_demo)
+    d.add_argument("--workdir", default="work/demo", help=WORKDIR_HELP)
     d.add_argument("--summary-json", default=None, help="write the summary here (default WORKDIR/summary.json)")
     d.add_argument("--config", default=str(CONFIG_DIR / "demo.yaml"), help="demo YAML (default configs/demo.yaml)")
-    d.add_argument("--profile", default="local", help="local (default) | production | path to a profile YAML")
-    _add_engine_args(d)
-    d.set_defaults(func=cmd_demo)
+    d.add_argument("--profile", default="local", help=PROFILE_HELP)
 
     b = sub.add_parser("base", help="the project's own base model")
     bsub = b.add_subparsers(dest="action", required=True, metavar="ACTION")
     bsub.add_parser("build", help="pretrain the tiny Llama base + tokenizer (see --help)", add_help=False)
 
-    def init_args(q, with_store=True, device_flags=("--device", "--init-device")):
+    def store_args(q) -> None:
         q.add_argument("--base", default=str(DEFAULT_BASE), help="base model directory")
-        q.add_argument("--method", default="pissa", choices=methods.CHOICES,
-                       help=f"{' / '.join(methods.QUANT_ALIASES)} = {' / '.join(methods.QUANT_ALIASES.values())} "
-                            "with --base-quant nf4")
-        q.add_argument("--rank", type=int, default=8)
-        q.add_argument("--alpha", type=float, default=16.0)
-        q.add_argument("--targets", default="", help="comma-separated module names (default: all Llama linears)")
-        q.add_argument("--svd-niter", type=int, default=None, help="PiSSA fast SVD iterations (default exact SVD)")
-        q.add_argument(*device_flags, dest="init_device", default="cpu",
-                       help="device for the initialisation, one layer at a time (cpu, cuda)")
-        q.add_argument("--base-quant", default="none", choices=BASE_QUANTS,
-                       help="train on a bitsandbytes nf4 base (QLoRA; QPiSSA with pissa); needs bitsandbytes")
         q.add_argument("--store", default="work/init-cache", help="directory or s3://bucket/prefix "
                        "(endpoint from AWS_ENDPOINT_URL)")
         q.add_argument("--scratch", default="work/init-local", help="local directory for fetched entries")
 
-    ic = sub.add_parser("init-cache", help="PiSSA/LoRA initialisations cached by base content")
+    ic = _leaf(sub, "init-cache", "PiSSA/LoRA initialisations cached by base content", func=cmd_init_cache)
     ic.add_argument("action", choices=["warm", "ls", "verify", "evict"])
     ic.add_argument("--key", default=None, help="entry key (verify/evict)")
-    init_args(ic)
-    ic.set_defaults(func=cmd_init_cache)
+    store_args(ic)
 
-    t = sub.add_parser("train", help="train an adapter (warms the init cache first)")
-    init_args(t, device_flags=("--init-device",))  # --device is where training runs
+    t = _leaf(sub, "train", "train an adapter (warms the init cache first)", func=cmd_train)
+    store_args(t)
     t.add_argument("--train", required=True, help="training JSONL (prompt, response)")
     t.add_argument("--val", required=True, help="validation JSONL")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--config", default=None, help="TrainConfig YAML (see configs/train.yaml)")
-    t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--device", default=None, help="auto (default) | cpu | cuda | cuda:N")
-    t.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
-                   help="auto (default): bf16 on a CUDA device, fp32 on a CPU")
-    t.add_argument("--packing", action="store_true", help="pack several examples per row (no padding)")
-    t.add_argument("--checkpoint-every", type=int, default=None,
-                   help="write a resumable checkpoint every N steps; re-running the same command resumes")
     t.add_argument("--parent", default=None, help="a previous training output to warm-start from")
-    t.set_defaults(func=cmd_train)
 
-    m = sub.add_parser("merge", help="merge + quantize an adapter behind logit regression gates")
+    m = _leaf(sub, "merge", "merge + quantize an adapter behind logit regression gates", func=cmd_merge)
     m.add_argument("--base", default=str(DEFAULT_BASE))
     m.add_argument("--adapter", required=True, help="PEFT adapter directory")
-    m.add_argument("--quantize", default=None, choices=lm.SCHEMES,
-                   help="quantization scheme (default: the config's, nf4)")
     m.add_argument("--out", required=True)
     m.add_argument("--val", required=True, help="validation JSONL the gates compare logits on")
     m.add_argument("--report-json", default=None, help="also write the gate report JSON here")
@@ -668,8 +686,25 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--expect-golden", default=None, metavar="FILE",
                    help="a rebuild: the version's stored golden logits (golden/parity_golden.safetensors); the "
                         "merged model must reproduce them (golden_* gates)")
-    m.set_defaults(func=cmd_merge)
 
+    rt = sub.add_parser("retrain", help="incremental retraining (replay buffer, warm start from the champion)")
+    rt.add_argument("--workdir", default="work/demo")
+    rt.add_argument("--base", default=str(DEFAULT_BASE))
+    rt.add_argument("--family", default="support-assistant")
+    rt.add_argument("--name", required=True, help="run name, e.g. v4")
+    rt.add_argument("--new-train", required=True)
+    rt.add_argument("--new-val", required=True)
+    rt.add_argument("--old-train", required=True, help="past training data (the replay buffer's source)")
+    rt.add_argument("--old-val", required=True, help="old categories' validation data (forgetting gate)")
+    rt.add_argument("--replay-ratio", type=float, default=None, help="LifecycleConfig.replay_ratio: share of old "
+                    "examples in the mix, in [0, 1) (default: the config's)")
+    rt.add_argument("--config", default=str(CONFIG_DIR / "demo.yaml"))
+    rt.add_argument("--store", default="")
+    rt.add_argument("--profile", default="local", help=PROFILE_HELP)
+    rt.set_defaults(func=cmd_retrain)
+
+
+def _add_registry_commands(sub) -> None:
     r = sub.add_parser("registry", help="adapter versions in MLflow (uses MLFLOW_TRACKING_URI)")
     r.add_argument("--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI")
     rsub = r.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -706,20 +741,22 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--json", action="store_true", help="print JSON instead of a table")
     r.set_defaults(func=cmd_registry)
 
-    s = sub.add_parser("serve", help="serve a demo work dir's champion over an OpenAI-compatible API")
+
+def _add_serving_commands(sub) -> None:
+    s = _leaf(sub, "serve", "serve a demo work dir's champion over an OpenAI-compatible API", func=cmd_serve)
     s.add_argument("--workdir", default="work/demo")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--base", default=str(DEFAULT_BASE))
-    s.add_argument("--profile", default="local", help="local (default) | production | path to a profile YAML")
+    s.add_argument("--profile", default="local", help=PROFILE_HELP)
     s.add_argument("--fallback-config", default=None, help="FallbackConfig YAML (see configs/fallback.yaml): route "
                    "a family with severe drift (POST /admin/drift) to its fallback; default: off")
     s.add_argument("--auto-canary", type=float, default=None, metavar="SECONDS",
                    help="poll the registry every SECONDS and start the canary of each new challenger (what a "
                         "scheduled retrain registers); default: off (rollouts start by `adapterops rollout start`)")
-    _add_engine_args(s)
-    s.set_defaults(func=cmd_serve)
 
+    # rollout start's --steps/--requests-per-step/--gradual are serving.rollout.RolloutConfig fields sent to the
+    # server, which holds the defaults; written here so that --help does not import scipy with serving.rollout
     ro = sub.add_parser("rollout", help="canary rollouts of a running server (admin API)")
     rosub = ro.add_subparsers(dest="action", required=True, metavar="ACTION")
     ro_status = rosub.add_parser("status", help="rollouts: step, weight, each check's last verdict")
@@ -742,48 +779,35 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--json", action="store_true", help="print the server's JSON answer")
     ro.set_defaults(func=cmd_rollout)
 
+
+def _add_monitoring_commands(sub) -> None:
+    from monitoring.check import add_arguments
+
     mo = sub.add_parser("monitor", help="drift monitors")
     mosub = mo.add_subparsers(dest="action", required=True, metavar="ACTION")
     mc = mosub.add_parser("check", help="KS + embedding-similarity drift check of JSONL windows")
-    from monitoring.check import add_arguments
-
     add_arguments(mc)
     mc.set_defaults(func=cmd_monitor_check)
 
-    rt = sub.add_parser("retrain", help="incremental retraining (replay buffer, warm start from the champion)")
-    rt.add_argument("--workdir", default="work/demo")
-    rt.add_argument("--base", default=str(DEFAULT_BASE))
-    rt.add_argument("--family", default="support-assistant")
-    rt.add_argument("--name", required=True, help="run name, e.g. v4")
-    rt.add_argument("--new-train", required=True)
-    rt.add_argument("--new-val", required=True)
-    rt.add_argument("--old-train", required=True, help="past training data (the replay buffer's source)")
-    rt.add_argument("--old-val", required=True, help="old categories' validation data (forgetting gate)")
-    rt.add_argument("--replay-ratio", type=float, default=None)
-    rt.add_argument("--config", default=str(CONFIG_DIR / "demo.yaml"))
-    rt.add_argument("--store", default="")
-    rt.add_argument("--profile", default="local", help="local (default) | production | path to a profile YAML")
-    rt.set_defaults(func=cmd_retrain)
-
     sc = sub.add_parser("schedules", help="scheduled monitor checks and retraining as Prefect deployments")
     scsub = sc.add_subparsers(dest="action", required=True, metavar="ACTION")
-    ss = scsub.add_parser("serve", help="serve the deployments of infra/prefect_deployments.py until interrupted")
+    ss = _leaf(scsub, "serve", "serve the deployments of pipelines/schedules.py until interrupted",
+               path=("schedules", "serve"), func=cmd_schedules)
     ss.add_argument("--workdir", default="work/demo", help="work dir holding the registry and predictions.db")
     ss.add_argument("--base", default=str(DEFAULT_BASE))
     ss.add_argument("--profile", default="local", help="local (default: starts a local Prefect server) | production "
                     "| path to a profile YAML")
-    ss.add_argument("--family", action="append", default=None,
-                    help="family to monitor and retrain (repeat for several; default: the config's family)")
-    ss.add_argument("--monitor-interval", type=int, default=900, help="seconds between drift checks (default 900)")
-    ss.add_argument("--ppl-interval", type=int, default=3600,
-                    help="seconds between reference-perplexity checks (default 3600)")
-    ss.add_argument("--retrain-cron", default="0 2 * * *",
-                    help="retraining schedule, cron in UTC (default '0 2 * * *' nightly; '0 2 * * 0' weekly)")
-    ss.add_argument("--config", default=str(CONFIG_DIR / "demo.yaml"),
-                    help="YAML with the retrain, merge and drift settings (default configs/demo.yaml)")
-    ss.add_argument("--data-dir", default="", help="retraining data, <dir>/<family>/{new,champion}/{train,val}.jsonl "
-                    "(default WORKDIR/data)")
-    ss.set_defaults(func=cmd_schedules)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adapterops", description="The lifecycle of LLM adapters: init cache, training, "
+                                "gated merge-and-quantize, MLflow versions, canary serving, drift-driven retraining.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also ADAPTEROPS_DEBUG=1)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_lifecycle_commands(sub)
+    _add_registry_commands(sub)
+    _add_serving_commands(sub)
+    _add_monitoring_commands(sub)
     return p
 
 
