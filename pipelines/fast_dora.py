@@ -14,11 +14,18 @@ combines base and adapter outputs in several elementwise ops whose results are p
 - ||W||^2 is computed once when enabled (and again only if W changes outside torch.compile), so compiled layers see
   no data-dependent checks.
 Plain, unquantized nn.Linear base layers only; other layers keep PEFT's forward.
+
+How it plugs in: through PEFT's own extension point, not by patching `forward`. PEFT 0.21 resolves each adapter of
+a LoRA layer to a LoraVariant (`Linear.resolve_lora_variant` picks `variants.DoraLinearVariant` for use_dora and
+stores an instance in `layer.lora_variant[adapter]`); `lora.Linear.forward` computes the base output and hands it to
+`variant.forward(module, active_adapter, x, result)`. `enable` is the one registration point: it puts a
+FastDoraLinearVariant (a DoraLinearVariant whose forward is the one above; init, merge and unmerge are PEFT's) in
+that slot of every eligible layer. Not through `Linear.lora_variants` (the class-level mapping): that would need
+our own LoRA layer class at model creation (PEFT's custom-module dispatch) for a choice made later, per training run
+(TrainConfig.fast_dora) and per layer (bias, base layer type).
 """
 
 from __future__ import annotations
-
-import types
 
 
 def _combine():
@@ -89,62 +96,81 @@ def weight_norm(layer, W, A, B, scaling: float):
         return (layer._fast_dora_w2 + 2 * scaling * cross + scaling**2 * ba2).clamp_min(0).sqrt()
 
 
-def _forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default"):
-    if base_result is None:  # dropout active: PEFT recomputes the base output; keep its path
-        return self._peft_forward(x, lora_A=lora_A, lora_B=lora_B, scaling=scaling, base_layer=base_layer,
-                                  base_result=base_result, adapter_name=adapter_name)
-    norm = weight_norm(self, base_layer.weight, lora_A.weight, lora_B.weight, scaling)
-    lora = lora_B(lora_A(x))
-    y = base_result if base_layer.bias is None else base_result - base_layer.bias
-    return self._combine.apply(y, lora, self.weight, norm, scaling)
+_FUNCTIONS: tuple | None = None
 
 
-def _linear_forward(self, x, *args, **kwargs):
-    """The PEFT LoRA Linear's forward for one active DoRA adapter on a bias-free base; anything else goes to PEFT."""
-    import torch
+def _functions():
+    global _FUNCTIONS
+    if _FUNCTIONS is None:
+        _FUNCTIONS = _combine()
+    return _FUNCTIONS
 
-    active = self.active_adapters
-    if args or kwargs or self.disable_adapters or self.merged or len(active) != 1:
-        return self._fast_dora_linear_forward(x, *args, **kwargs)
-    name = active[0]
-    dora = self.lora_magnitude_vector[name] if name in self.lora_magnitude_vector else None
-    dropout = self.lora_dropout[name] if name in self.lora_dropout else None
-    if dora is None or name not in self.lora_A or not (isinstance(dropout, torch.nn.Identity) or not self.training):
-        return self._fast_dora_linear_forward(x, *args, **kwargs)
-    base = self.base_layer
-    lora_A, lora_B, scaling = self.lora_A[name], self.lora_B[name], self.scaling[name]
-    y = base(x)
-    lora = lora_B(lora_A(self._cast_input_dtype(x, lora_A.weight.dtype)))
-    norm = weight_norm(dora, base.weight, lora_A.weight, lora_B.weight, scaling)
-    return dora._fast_out.apply(y, lora, dora.weight, norm, scaling).to(y.dtype)
+
+def _dora_variant_class():
+    """FastDoraLinearVariant, built on first use (importing PEFT costs seconds; this module must stay cheap)."""
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    class FastDoraLinearVariant(DoraLinearVariant):
+        """PEFT's DoRA variant with the fast forward; PEFT's forward where dropout is active in training (PEFT then
+        recomputes the base output from the dropped-out input)."""
+
+        @staticmethod
+        def forward(module, active_adapter: str, x, result, **kwargs):
+            import torch
+
+            dropout = module.lora_dropout[active_adapter]
+            if not (isinstance(dropout, torch.nn.Identity) or not module.training):
+                return DoraLinearVariant.forward(module, active_adapter, x, result, **kwargs)
+            combine, out_fn = _functions()
+            base = module.get_base_layer()
+            lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
+            scaling = module.scaling[active_adapter]
+            dora = module.lora_magnitude_vector[active_adapter]
+            norm = weight_norm(dora, base.weight, lora_A.weight, lora_B.weight, scaling)
+            lora = lora_B(lora_A(x))  # x is already cast to the adapter's dtype by lora.Linear.forward
+            if base.bias is None and len(module.active_adapters) == 1:  # result is W x: one Function for the output
+                return out_fn.apply(result, lora, dora.weight, norm, scaling)
+            # as PEFT: the DoRA term on `result` (the base output plus any adapter before this one), minus the bias
+            y = result if base.bias is None else result - base.bias
+            return result + combine.apply(y, lora, dora.weight, norm, scaling)
+
+    return FastDoraLinearVariant
+
+
+_VARIANT = None
+
+
+def variant_class():
+    global _VARIANT
+    if _VARIANT is None:
+        _VARIANT = _dora_variant_class()
+    return _VARIANT
 
 
 def enable(model) -> int:
-    """Swap the forward of every eligible DoRA layer of a PEFT model; returns how many were swapped. Call it after
-    the model is on its device and in its precision (||W||^2 is taken here)."""
+    """Register the fast DoRA variant on every eligible DoRA adapter of a PEFT model (the layer's
+    `lora_variant[adapter]`, PEFT's own slot); returns how many were swapped (0 on a second call). Call it after the
+    model is on its device and in its precision (||W||^2 is taken here)."""
     import torch
     from peft.tuners.lora.dora import DoraLinearLayer
+    from peft.tuners.lora.variants import DoraLinearVariant
 
-    (combine, out_fn), swapped = _combine(), 0
+    fast, swapped = variant_class(), 0
     for module in model.modules():
-        if not hasattr(module, "lora_magnitude_vector"):
+        variants = getattr(module, "lora_variant", None)
+        if not variants or not hasattr(module, "lora_magnitude_vector"):
             continue
         base = module.get_base_layer()
         if type(base) is not torch.nn.Linear or getattr(module, "fan_in_fan_out", False):
             continue
-        here = 0
-        for name, dora in module.lora_magnitude_vector.items():
-            if type(dora) is not DoraLinearLayer or hasattr(dora, "_peft_forward"):
+        for name, variant in list(variants.items()):
+            dora = module.lora_magnitude_vector[name] if name in module.lora_magnitude_vector else None
+            if type(dora) is not DoraLinearLayer or not isinstance(variant, DoraLinearVariant):
                 continue
-            dora._peft_forward = dora.forward
-            dora._combine, dora._fast_out = combine, out_fn
-            dora.forward = types.MethodType(_forward, dora)
-            if name in module.lora_A:
-                weight_norm(dora, base.weight, module.lora_A[name].weight, module.lora_B[name].weight,
-                            module.scaling[name])  # fills the ||W||^2 cache now, outside any compiled graph
-            here += 1
-        swapped += here
-        if base.bias is None and here and not hasattr(module, "_fast_dora_linear_forward"):
-            module._fast_dora_linear_forward = module.forward
-            module.forward = types.MethodType(_linear_forward, module)
+            if type(variant) is fast:
+                continue
+            variants[name] = fast()
+            weight_norm(dora, base.weight, module.lora_A[name].weight, module.lora_B[name].weight,
+                        module.scaling[name])  # fills the ||W||^2 cache now, outside any compiled graph
+            swapped += 1
     return swapped
