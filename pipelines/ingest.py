@@ -34,9 +34,10 @@ What becomes a training example (the rules, in order):
 
 Output, in <data>/<family>/new/ (<data> = data_dir, else $ADAPTEROPS_DATA_DIR, else <workdir>/data):
 train.jsonl, val.jsonl (pipelines.data.Example lines; logged requests get category "traffic", --extra keeps its own),
-rejected.jsonl, manifest.json (source, window, counts, thresholds, sha256 of each file). Each file is written to a
-temporary file and os.replace'd (a local temp + os.replace until the shared atomic writer in common/ lands);
-manifest.json is written last, so its sha256 entries say whether train/val are the ones it describes.
+rejected.jsonl, manifest.json (source, window, counts, thresholds, sha256 of each file). Each file is written
+atomically (common.atomic: a temp file beside it, fsync, os.replace), so a retrain that reads meanwhile sees the old
+file or the new one; manifest.json is written last, and its sha256 entries say whether train/val are the ones it
+describes (a crash between two files leaves a train/val pair from two windows, which those hashes reveal).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipelines.data import DataError, Example, category_counts, read_jsonl
+from common.atomic import write_text
+from pipelines.data import Example, category_counts, read_jsonl
 from pipelines.workspace import Workspace
 
 LOGGED_CATEGORY = "traffic"
@@ -188,18 +190,6 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _write_atomic(path: Path, text: str) -> Path:
-    # a local temp + os.replace until the shared atomic writer (common/) lands
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
 def _jsonl(items: list[dict]) -> str:
     return "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in items)
 
@@ -242,9 +232,9 @@ def run(cfg: IngestConfig, ws: Workspace, now: float | None = None, log=print) -
     train_set, val_set = split(examples, cfg.val_fraction)
     out = _data_dir(ws, cfg) / cfg.family / "new"
     files = {
-        "train": _write_atomic(out / "train.jsonl", _jsonl([e.as_dict() for e in train_set])),
-        "val": _write_atomic(out / "val.jsonl", _jsonl([e.as_dict() for e in val_set])),
-        "rejected": _write_atomic(out / "rejected.jsonl", _jsonl(
+        "train": write_text(out / "train.jsonl", _jsonl([e.as_dict() for e in train_set])),
+        "val": write_text(out / "val.jsonl", _jsonl([e.as_dict() for e in val_set])),
+        "rejected": write_text(out / "rejected.jsonl", _jsonl(
             [{"prompt": p, "response": r["response"], "feedback": r["feedback"], "request_id": r["request_id"],
               "version": r["version"], "id": r["id"]} for p, r in sorted(rejected.items())])),
     }
@@ -260,7 +250,7 @@ def run(cfg: IngestConfig, ws: Workspace, now: float | None = None, log=print) -
         "versions": dict(sorted(Counter(str(r["version"]) for r in good.values()).items())),
         "files": {k: {"path": p.name, "sha256": _sha256(p)} for k, p in files.items()},
     }
-    _write_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     log(f"ingest {cfg.family}: {len(train_set)} train / {len(val_set)} val examples ({len(good)} from the log, "
         f"{len(extra)} extra), {len(rejected)} rejected prompts -> {out}")
     return out

@@ -31,6 +31,7 @@ import threading
 import time
 from pathlib import Path
 
+from common.atomic import write_json
 from monitoring.drift import DriftConfig
 from monitoring.reference_ppl import PplCheckConfig, PplMeasurement, append_history, decide, load_history
 from pipelines.data import REFERENCE_TEXT
@@ -98,11 +99,7 @@ def write_monitor_state(ws: Workspace, family: str, state: dict) -> bool:
     url = getattr(ws, "state_db_url", "")
     if url:
         return _StateDB.get(url).write(family, state)
-    path = _monitor_state_path(ws, family)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    tmp.replace(path)
+    write_json(_monitor_state_path(ws, family), state)
     return True
 
 
@@ -296,10 +293,7 @@ def promotion_baseline(ws: Workspace, family: str, version: str, text: Path = RE
     info = reg.get(family, str(version))
     baseline = PplMeasurement(family, str(version), measured["merged_reference_ppl"], key, info.created)
     recorded[str(version)] = baseline.as_dict()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_json(path, recorded, sort_keys=True)
     return baseline
 
 

@@ -47,6 +47,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from common.atomic import atomic_open, write_json
 from pipelines import init_cache, merge_quantize, methods, reference, register, train
 from pipelines.config import ConfigError, from_dict, load_yaml
 from pipelines.data import DataError, category_counts, read_jsonl
@@ -188,11 +189,8 @@ def refuse_existing(reg, family: str) -> None:
 
 
 def _copy_atomic(src: Path, dest: Path) -> None:
-    # local temp + os.replace until the shared atomic writer (common/) lands
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
+    with atomic_open(dest, "wb") as out, open(src, "rb") as f:
+        shutil.copyfileobj(f, out)
 
 
 def run(cfg: BuildConfig, ws: Workspace, log=print) -> dict:
@@ -220,7 +218,7 @@ def run(cfg: BuildConfig, ws: Workspace, log=print) -> dict:
                "method": cfg.init.method, "promoted": False, "champion_data": None,
                "data": {"train": n_train, "val": n_val, "categories": category_counts(read_jsonl(cfg.train))},
                "configs": {"init": asdict(cfg.init), "train": asdict(cfg.train_cfg), "merge": asdict(cfg.merge_cfg)}}
-    (run_dir / "build.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_json(run_dir / "build.json", summary, default=str)
     if not cfg.promote:
         log(f"build {cfg.family}: v{info.version} registered, not promoted (--no-promote); nothing serves it until "
             f"`adapterops registry promote {cfg.family} {info.version}`")
@@ -241,6 +239,6 @@ def run(cfg: BuildConfig, ws: Workspace, log=print) -> dict:
         _copy_atomic(cfg.train, champion_data / "train.jsonl")
         _copy_atomic(cfg.val, champion_data / "val.jsonl")
     summary.update(promoted=True, champion_data=str(champion_data))
-    (run_dir / "build.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_json(run_dir / "build.json", summary, default=str)
     log(f"build {cfg.family}: v{info.version} is champion; its data is in {champion_data} for retraining")
     return summary
