@@ -1,5 +1,6 @@
-"""The demo's plain (Prefect-free) pieces; the flow that chains them is flows.demo, its configuration is the
-lifecycle's (pipelines/lifecycle.py: LifecycleConfig, re-exported here as DemoConfig).
+"""The demo's plain (Prefect-free) pieces: its data, its server and the admin calls that drive it, the monitoring
+of its traffic, the canaries and the summary. The flow that orders them is flows.demo; its configuration is
+DemoConfig (the lifecycle's config plus the story's own sections: pipelines/lifecycle.py, re-exported here).
 
 Run:  adapterops demo --workdir work/demo --summary-json work/demo/summary.json [--config configs/demo.yaml]
 
@@ -12,14 +13,19 @@ check merge fidelity and forgetting, not answer relevance, but loses the canary 
 
 from __future__ import annotations
 
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 from common.atomic import write_json
 from pipelines.data import CATEGORIES_AFTER, CATEGORIES_BEFORE, load_bitext, splits, write_jsonl
-from pipelines.lifecycle import DEFAULT_CONFIG, LifecycleConfig, TrafficConfig, load_config  # noqa: F401
+from pipelines.lifecycle import DEFAULT_CONFIG, DemoConfig, LifecycleConfig, TrafficConfig  # noqa: F401
+from pipelines.lifecycle import load_config as _load_any
 
-DemoConfig = LifecycleConfig
-"""The demo runs on the lifecycle's configuration (pipelines/lifecycle.py); the old name stays importable."""
+
+def load_config(path: Path | None) -> DemoConfig:
+    """The demo's config (None: configs/demo.yaml)."""
+    return _load_any(path, DemoConfig)
 
 
 def prepare_data(root: Path, seed: int = 0) -> dict[str, dict[str, Path]]:
@@ -40,6 +46,40 @@ def prepare_data(root: Path, seed: int = 0) -> dict[str, dict[str, Path]]:
     return out
 
 
+class Clock:
+    """Seconds per named stage, summed over repeats: `with clock.stage("monitor"): ...`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def stage(self, name: str):
+        clock = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                clock.seconds[name] = round(clock.seconds.get(name, 0.0) + time.perf_counter() - self.t0, 2)
+
+        return _Stage()
+
+
+def start_server(ws, cfg: LifecycleConfig, api_key: str, engine=None):
+    """The model server on a free loopback port, in this process: (server, url, serving state)."""
+    from serving.app import BackgroundServer, create_app
+
+    from pipelines.serve import EngineSpec, build_state
+
+    state = build_state(ws, cfg.rollout, api_key, engine=engine or EngineSpec())
+    server = BackgroundServer(create_app(state))
+    try:
+        return server, server.start(), state
+    except BaseException:
+        state.engine.close()
+        raise
+
+
 def window_rows(log, family: str, after_id: int) -> tuple[list[dict], int]:
     log.flush()
     rows = log.query(family=family, after_id=after_id)
@@ -49,6 +89,114 @@ def window_rows(log, family: str, after_id: int) -> tuple[list[dict], int]:
 def alert_records(phase: str, result: dict) -> list[dict]:
     return [{"phase": phase, "monitor": t["name"], "statistic": t["statistic"], "p_value": t["p_value"],
              "threshold": t["threshold"], "fired": t["fired"]} for t in result["tests"]]
+
+
+class DemoSession:
+    """The running demo server as its operator and users see it: admin calls (load, canary, status), simulated
+    traffic judged by similarity to the reference answers, and the drift monitor over the logged requests."""
+
+    def __init__(self, url: str, api_key: str, cfg: DemoConfig, state, clock: Clock, log=print):
+        import httpx
+
+        from monitoring.embeddings import load_encoder
+
+        from pipelines import traffic
+
+        self.url, self.cfg, self.state, self.clock, self.log = url, cfg, state, clock, log
+        self.family = cfg.family
+        self.admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120)
+        self.encoder = load_encoder()
+        self.judge = traffic.SimilarityJudge(self.encoder)
+        self.last_id = 0
+        self.rollouts: list[dict] = []
+
+    def close(self) -> None:
+        self.admin.close()
+
+    def load(self, version: str, ref: str) -> None:
+        r = self.admin.post("/admin/adapters/load", json={"family": self.family, "version": version, "ref": ref})
+        r.raise_for_status()
+
+    def send(self, examples, user_prefix: str, stop=None) -> list[dict]:
+        from pipelines import traffic
+
+        t = self.cfg.traffic
+        return traffic.send(self.url, self.family, examples, t.clients, t.max_tokens, judge=self.judge, stop=stop,
+                            user_prefix=user_prefix)
+
+    def traffic_phase(self, phase: str, test_data: Path, n: int) -> None:
+        """`n` requests sampled from the phase's test set; any failed request is an error."""
+        from pipelines.data import read_jsonl, sample
+
+        with self.clock.stage(f"traffic_{phase}"):
+            sent = self.send(sample(read_jsonl(test_data), n, self.cfg.seed), user_prefix=phase)
+            errors = [s for s in sent if s.get("error")]
+            if errors:
+                raise RuntimeError(f"{len(errors)} {phase} requests failed, first: {errors[0]['error']}")
+
+    def monitor(self, phase: str, reference_dir: Path, report: Path, registry, version: str) -> dict:
+        """The requests logged since the last check against the version's monitoring reference
+        (pipelines.monitor_jobs.check_window); the report is attached to the version in the registry."""
+        from pipelines.monitor_jobs import check_window
+
+        with self.clock.stage("monitor"):
+            rows, self.last_id = window_rows(self.state.log, self.family, self.last_id)
+            result = check_window(reference_dir, rows, self.cfg.drift, self.encoder, report, log=self.state.log)
+            registry.attach_report(self.family, version, report)
+        self.log(f"monitor [{phase}]: {result['status']} - {result['reason']}")
+        return result
+
+    def canary(self, challenger: str, stage: str, prompts: list) -> str:
+        """Load the challenger, start its canary and send traffic until the rollout ends; returns its outcome."""
+        fam, t = self.family, self.cfg.traffic
+        with self.clock.stage(stage):
+            self.load(challenger, f"{fam}@{challenger}")
+            r = self.admin.post("/admin/rollout/start", json={"family": fam, "challenger": challenger})
+            r.raise_for_status()
+            self.log(f"canary {fam}@{challenger}: started (parity {r.json()['parity'].get('passed')})")
+
+            def finished() -> bool:
+                return self.status().get("status") not in ("running", "rolling_back")
+
+            repeated = prompts * (1 + t.canary_max_requests // len(prompts))
+            self.send(repeated[: t.canary_max_requests], user_prefix=f"canary-{challenger}", stop=finished)
+            status = self.status()
+        outcome = status.get("status")
+        self.log(f"canary {fam}@{challenger}: {outcome} ({status.get('reason', '')})")
+        self.rollouts.append({"version": challenger, "outcome": outcome, "reason": status.get("reason"),
+                              "steps": status.get("history", [])})
+        return outcome
+
+    def status(self) -> dict:
+        return self.admin.get("/admin/rollout/status", params={"family": self.family}).json()
+
+
+def send_drift_alert(ws, family: str, phase: str, result: dict, report: Path) -> None:
+    """The drift alert to the log and <workdir>/alerts.jsonl."""
+    from monitoring.alerts import Alert, JsonFileSink, LogSink, dispatch
+
+    alert = Alert(family=family, monitor="drift", severity="warning", message=result["reason"],
+                  details={"phase": phase, "tests": result["tests"], "report": str(report)})
+    dispatch(alert, [LogSink(), JsonFileSink(ws.root / "alerts.jsonl")])
+
+
+def build_summary(ws, registry, cfg: DemoConfig, versions: dict, session: DemoSession, engine_name: str,
+                  drift_checks: dict, alerts: list, clock: Clock) -> dict:
+    fam = cfg.family
+    return {
+        "family": fam, "base_model_path": str(ws.base_path), "workdir": str(ws.root),
+        "engine": engine_name,
+        "champion": registry.alias(fam, "champion"),
+        "versions": [{"version": v["version"], "method": v["method"], "gates_passed": v["gates_passed"],
+                      "adapter_path": v["adapter_path"], "init_hit": v["init_hit"], "init_key": v["init_key"],
+                      "parent_version": v.get("parent_version"), "gates_report": v["gates_report"]}
+                     for v in versions.values()],
+        "alerts": alerts, "drift_checks": drift_checks, "rollouts": session.rollouts,
+        "init_cache": {"hits": sum(v["init_hit"] for v in versions.values()),
+                       "misses": sum(not v["init_hit"] for v in versions.values())},
+        "stage_seconds": clock.seconds, "mlflow_tracking_uri": ws.tracking_uri,
+        "history": [asdict(h) for h in registry.history(fam)],
+    }
 
 
 def summary_table(summary: dict) -> str:

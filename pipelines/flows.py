@@ -259,7 +259,7 @@ def monitor_check(ws: Workspace, family: str, drift: dict | None = None, max_win
     report = ws.root / "reports" / family / f"monitor-v{version}-{span['last_id']}.html"
     result = drift_check(fetch_reference(ws, family, version), window, cfg.as_dict(), report,
                          ws.prediction_log_target)
-    reg.client.log_artifact(reg.get(family, version).run_id, str(report), "monitoring_reports")
+    reg.attach_report(family, version, report)
     fire, streak = advance_streak(state["streak"], cfg.consecutive, result)
     log(f"monitor [{family}@{version}]: {result['status']} over ids {span['first_id']}..{span['last_id']} "
         f"(streak {streak}/{cfg.consecutive}) - {result['reason']}")
@@ -294,61 +294,19 @@ def reference_ppl(ws: Workspace, family: str, reference_windows: int | None = No
     return result
 
 
-class _Clock:
-    def __init__(self):
-        import time
-
-        self._time = time.perf_counter
-        self.seconds: dict[str, float] = {}
-
-    def stage(self, name: str):
-        clock = self
-
-        class _Stage:
-            def __enter__(self):
-                self.t0 = clock._time()
-
-            def __exit__(self, *exc):
-                clock.seconds[name] = round(clock.seconds.get(name, 0.0) + clock._time() - self.t0, 2)
-
-        return _Stage()
-
-
-def _start_server(ws: Workspace, cfg, api_key: str, engine=None):
-    from serving.app import BackgroundServer, create_app
-
-    from pipelines.serve import EngineSpec, build_state
-
-    state = build_state(ws, cfg.rollout, api_key, engine=engine or EngineSpec())
-    server = BackgroundServer(create_app(state))
-    try:
-        return server, server.start(), state
-    except BaseException:
-        state.engine.close()
-        raise
-
-
 @flow(name="adapterops-demo", validate_parameters=False)
 def demo(cfg, ws: Workspace, summary_json: Path, engine=None) -> dict:
-    """The whole lifecycle on the tiny base; see pipelines/demo.py for the story."""
+    """The whole lifecycle on the tiny base, in the order pipelines/demo.py tells it; the pieces are its functions.
+    `cfg` is a pipelines.demo.DemoConfig."""
     import secrets
 
-    import httpx
+    from pipelines import demo as story
+    from pipelines.data import read_jsonl
 
-    from monitoring.alerts import Alert, JsonFileSink, LogSink, dispatch
-    from monitoring.embeddings import load_encoder
-    from pipelines import traffic
-    from pipelines.data import read_jsonl, sample
-    from pipelines.demo import alert_records, prepare_data, summary_table, window_rows, write_summary
-    from pipelines.monitor_jobs import check_window
-
-    log = _log()
-    clock = _Clock()
-    fam = cfg.family
-    init_d, merge_d = asdict(cfg.init), asdict(cfg.merge)
-    t = cfg.traffic
+    log, clock, fam = _log(), story.Clock(), cfg.family
+    init_d, merge_d, t = asdict(cfg.init), asdict(cfg.merge), cfg.traffic
     with clock.stage("data"):
-        data = prepare_data(ws.root, cfg.seed)
+        data = story.prepare_data(ws.root, cfg.seed)
     reg = ws.registry()
 
     # 1. v1: PiSSA init (miss) -> train on "before" -> merge + nf4 -> gates -> register -> champion
@@ -358,39 +316,22 @@ def demo(cfg, ws: Workspace, summary_json: Path, engine=None) -> dict:
         reg.promote(fam, v1["version"], actor="demo", reason="first version: no champion to canary against")
     versions = {v1["version"]: v1}
 
-    # 2. serve the champion; "before" traffic must keep the monitors quiet
+    # 2. serve the champion; "before" traffic must keep the monitors quiet, "after" traffic must fire them
     api_key = secrets.token_hex(16)
     with clock.stage("serve_start"):
-        server, url, state = _start_server(ws, cfg, api_key, engine)
-    admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120)
-    encoder = load_encoder()
-    judge = traffic.SimilarityJudge(encoder)
-    drift_checks, alerts, rollouts = {}, [], []
+        server, url, state = story.start_server(ws, cfg, api_key, engine)
+    session, drift_checks, alerts = None, {}, []
     try:
-        r = admin.post("/admin/adapters/load", json={"family": fam, "version": v1["version"],
-                                                     "ref": f"{fam}@champion"})
-        r.raise_for_status()
-        ref_dir = Path(v1["run_dir"]) / "monitoring"
-        last_id = 0
+        session = story.DemoSession(url, api_key, cfg, state, clock, log)
+        session.load(v1["version"], f"{fam}@champion")
         for phase, n in (("before", t.before_requests), ("after", t.after_requests)):
-            with clock.stage(f"traffic_{phase}"):
-                sent = traffic.send(url, fam, sample(read_jsonl(data[phase]["test"]), n, cfg.seed), t.clients,
-                                    t.max_tokens, judge=judge, user_prefix=phase)
-                errors = [s for s in sent if s.get("error")]
-                if errors:
-                    raise RuntimeError(f"{len(errors)} {phase} requests failed, first: {errors[0]['error']}")
-            with clock.stage("monitor"):
-                rows, last_id = window_rows(state.log, fam, last_id)
-                report = ws.root / "reports" / f"drift-{phase}.html"
-                result = check_window(ref_dir, rows, cfg.drift, encoder, report, log=state.log)
-                reg.client.log_artifact(v1["run_id"], str(report), "monitoring_reports")
-            drift_checks[phase] = result
-            alerts += alert_records(phase, result)
-            log(f"monitor [{phase}]: {result['status']} - {result['reason']}")
+            session.traffic_phase(phase, data[phase]["test"], n)
+            report = ws.root / "reports" / f"drift-{phase}.html"
+            result = drift_checks[phase] = session.monitor(phase, Path(v1["run_dir"]) / "monitoring", report, reg,
+                                                           v1["version"])
+            alerts += story.alert_records(phase, result)
             if result["drift"]:
-                alert = Alert(family=fam, monitor="drift", severity="warning", message=result["reason"],
-                              details={"phase": phase, "tests": result["tests"], "report": str(report)})
-                dispatch(alert, [LogSink(), JsonFileSink(ws.root / "alerts.jsonl")])
+                story.send_drift_alert(ws, fam, phase, result, report)
                 emit_drift_event(fam, result)
 
         # 3. the alert triggers retraining: "after" data + replay of "before", warm start from v1 (cache hit)
@@ -402,31 +343,7 @@ def demo(cfg, ws: Workspace, summary_json: Path, engine=None) -> dict:
                          cfg.replay_strategy, cfg.reference_prompts, t.max_tokens, cfg.seed)
         versions[v2["version"]] = v2
         canary_prompts = read_jsonl(data["after"]["test"])
-
-        def canary(challenger: str, stage: str) -> str:
-            with clock.stage(stage):
-                r = admin.post("/admin/adapters/load", json={"family": fam, "version": challenger,
-                                                             "ref": f"{fam}@{challenger}"})
-                r.raise_for_status()
-                r = admin.post("/admin/rollout/start", json={"family": fam, "challenger": challenger})
-                r.raise_for_status()
-                log(f"canary {fam}@{challenger}: started (parity {r.json()['parity'].get('passed')})")
-
-                def finished() -> bool:
-                    status = admin.get("/admin/rollout/status", params={"family": fam}).json()
-                    return status.get("status") not in ("running", "rolling_back")
-
-                prompts = (canary_prompts * (1 + t.canary_max_requests // len(canary_prompts)))
-                traffic.send(url, fam, prompts[: t.canary_max_requests], t.clients, t.max_tokens, judge=judge,
-                             stop=finished, user_prefix=f"canary-{challenger}")
-                status = admin.get("/admin/rollout/status", params={"family": fam}).json()
-            outcome = status.get("status")
-            log(f"canary {fam}@{challenger}: {outcome} ({status.get('reason', '')})")
-            rollouts.append({"version": challenger, "outcome": outcome, "reason": status.get("reason"),
-                             "steps": status.get("history", [])})
-            return outcome
-
-        canary(v2["version"], "canary_v2")
+        session.canary(v2["version"], "canary_v2", canary_prompts)
 
         # 4. a bad v3 (a data mix-up: the job trained on travel/restaurant dialogues instead of support tickets,
         #    from the cached init) passes the offline gates, which check merge fidelity and forgetting, not answer
@@ -436,27 +353,15 @@ def demo(cfg, ws: Workspace, summary_json: Path, engine=None) -> dict:
                                data["bad"]["val"], cfg.reference_prompts, t.max_tokens)
             reg.set_challenger(fam, v3["version"], actor="demo", reason="deliberately bad: trained on the wrong dataset")
         versions[v3["version"]] = v3
-        canary(v3["version"], "canary_v3")
+        session.canary(v3["version"], "canary_v3", canary_prompts)
     finally:
-        admin.close()
+        if session is not None:
+            session.close()
         server.stop()
         state.engine.close()
         state.log.close()
 
-    summary = {
-        "family": fam, "base_model_path": str(ws.base_path), "workdir": str(ws.root),
-        "engine": state.engine.name,
-        "champion": reg.alias(fam, "champion"),
-        "versions": [{"version": v["version"], "method": v["method"], "gates_passed": v["gates_passed"],
-                      "adapter_path": v["adapter_path"], "init_hit": v["init_hit"], "init_key": v["init_key"],
-                      "parent_version": v.get("parent_version"), "gates_report": v["gates_report"]}
-                     for v in versions.values()],
-        "alerts": alerts, "drift_checks": drift_checks, "rollouts": rollouts,
-        "init_cache": {"hits": sum(v["init_hit"] for v in versions.values()),
-                       "misses": sum(not v["init_hit"] for v in versions.values())},
-        "stage_seconds": clock.seconds, "mlflow_tracking_uri": ws.tracking_uri,
-        "history": [asdict(h) for h in reg.history(fam)],
-    }
-    write_summary(summary, Path(summary_json))
-    print("\n" + summary_table(summary) + "\n", flush=True)
+    summary = story.build_summary(ws, reg, cfg, versions, session, state.engine.name, drift_checks, alerts, clock)
+    story.write_summary(summary, Path(summary_json))
+    print("\n" + story.summary_table(summary) + "\n", flush=True)
     return summary

@@ -999,6 +999,15 @@ class AdapterRegistry:
             raise BaseMismatch(f"{family} v{version}: {e}") from None
         return ResolvedAdapter(family, version, path, base, info.tags)
 
+    def attach_report(self, family: str, version: str, path: Path, folder: str = "monitoring_reports") -> None:
+        """Attach a file (a drift report) to a version's MLflow run under `folder`/, beside its registered
+        artifacts; it is not part of the version's hashed artifacts. A version without a run is an error."""
+        info = self.get(family, version)
+        if not info.run_id:
+            raise RegistryError(f"{family} v{version} has no MLflow run to attach {Path(path).name} to; it was "
+                                "registered without one: re-register it from its training output")
+        self.client.log_artifact(info.run_id, str(path), folder)
+
     def download(self, family: str, version: str, name: str, dest_root: Path) -> Path:
         """Download artifact `name` of a version to dest_root/<family>/<version>/<name>/ and verify its tree hash.
 

@@ -97,8 +97,17 @@ def test_lm_imports_no_stage():
 
 
 def test_the_demo_keeps_its_config_names():
-    """The lifecycle config lives in pipelines/lifecycle.py; pipelines.demo's old names stay importable."""
+    """The demo's config extends the lifecycle's (pipelines/lifecycle.py); pipelines.demo's names stay importable,
+    and the production lifecycle config carries none of the demo's fields."""
+    import dataclasses
+
     from pipelines import demo, lifecycle
 
-    assert demo.DemoConfig is lifecycle.LifecycleConfig and demo.load_config is lifecycle.load_config
+    assert demo.DemoConfig is lifecycle.DemoConfig and issubclass(demo.DemoConfig, lifecycle.LifecycleConfig)
     assert demo.TrafficConfig is lifecycle.TrafficConfig
+    production = {f.name for f in dataclasses.fields(lifecycle.LifecycleConfig)}
+    assert not production & {"train_v1", "bad", "traffic"}
+    assert set(lifecycle.DEMO_SECTIONS) == {"train_v1", "bad", "traffic"}
+    assert type(demo.load_config(None)) is demo.DemoConfig
+    assert type(lifecycle.load_config(lifecycle.DEFAULT_CONFIG)) is demo.DemoConfig  # the CLI's demo default
+    assert type(lifecycle.load_config(lifecycle.LIFECYCLE_CONFIG)) is lifecycle.LifecycleConfig
