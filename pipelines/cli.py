@@ -631,8 +631,8 @@ def command_options() -> dict[tuple[str, ...], dict[str, Options]]:
         ("schedules", "serve"): {"schedule": Options(
             ScheduleConfig, dest_prefix="schedule_", title="schedules (ScheduleConfig)",
             flags={"families": ("--family",), "retrain_config": ("--config",)},
-            skip={"pool_concurrency": "a work pool's setting; `schedules serve` runs the flows in its own process "
-                                      "(set it with `python -m infra.prefect_deployments apply --pool-concurrency N`)"})},
+            skip={"pool_concurrency": "a work pool's setting; `schedules serve` runs the flows in its own "
+                                      "process (`python -m infra.prefect_deployments apply --pool-concurrency N`)"})},
     }
 
 

@@ -104,41 +104,41 @@ class Options:
         return {flag: f.name for f in self.fields() for flag in self.flags_of(f.name)}
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
-        hints = typing.get_type_hints(self.cls)
-        docs = field_docs(self.cls)
         group = parser.add_argument_group(self.title or f"{self.cls.__name__} (one option per field)")
         for f in self.fields():
-            tp, _ = _unwrap_optional(hints[f.name])
-            default = None if self.override else _default(f)
-            kwargs: dict[str, Any] = {"dest": self.dest(f.name), "default": default, "metavar": self.flags_of(f.name)[0].lstrip("-").replace("-", "_").upper()}
-            help_text = self.helps.get(f.name) or docs.get(f.name, "")
-            if tp is bool:
-                del kwargs["metavar"]
-                if self.override or default is True:
-                    kwargs["action"] = argparse.BooleanOptionalAction
-                else:
-                    kwargs["action"] = "store_true"
-            elif typing.get_origin(tp) is list:
-                kwargs.update(action="append", default=None if self.override else list(default or ()))
-                help_text += " (repeatable)"
-            elif typing.get_origin(tp) is tuple:
-                kwargs.update(type=str, metavar="A,B,...")
-                help_text += " (comma-separated)"
-            elif tp in (int, float, str):
-                kwargs["type"] = tp
-            else:
-                raise TypeError(f"{self.cls.__name__}.{f.name}: no command-line form for type {tp!r}; skip it "
-                                "(Options.skip) with the reason")
-            if f.name in self.choices:
-                kwargs["choices"] = tuple(self.choices[f.name])
-                kwargs.pop("metavar", None)
-            if "default" not in help_text.lower() and kwargs.get("action") != "store_true":
-                shown = _default(f)
-                shown = ",".join(shown) if isinstance(shown, tuple) else "none" if shown in (None, "", []) else shown
-                help_text += (" [default: the config's, else " if self.override else " [default: ") + \
-                    f"{shown}]"
-            kwargs["help"] = help_text.replace("%", "%%")
-            group.add_argument(*self.flags_of(f.name), **kwargs)
+            group.add_argument(*self.flags_of(f.name), **self._argument(f))
+
+    def _argument(self, f: dataclasses.Field) -> dict[str, Any]:
+        """add_argument's keywords for field `f`: from its type, default, docstring and choices."""
+        tp, _ = _unwrap_optional(typing.get_type_hints(self.cls)[f.name])
+        default = None if self.override else _default(f)
+        metavar = self.flags_of(f.name)[0].lstrip("-").replace("-", "_").upper()
+        kwargs: dict[str, Any] = {"dest": self.dest(f.name), "default": default, "metavar": metavar}
+        help_text = self.helps.get(f.name) or field_docs(self.cls).get(f.name, "")
+        if tp is bool:
+            del kwargs["metavar"]
+            kwargs["action"] = argparse.BooleanOptionalAction if self.override or default is True else "store_true"
+        elif typing.get_origin(tp) is list:
+            kwargs.update(action="append", default=None if self.override else list(default or ()))
+            help_text += " (repeatable)"
+        elif typing.get_origin(tp) is tuple:
+            kwargs.update(type=str, metavar="A,B,...")
+            help_text += " (comma-separated)"
+        elif tp in (int, float, str):
+            kwargs["type"] = tp
+        else:
+            raise TypeError(f"{self.cls.__name__}.{f.name}: no command-line form for type {tp!r}; skip it "
+                            "(Options.skip) with the reason")
+        if f.name in self.choices:
+            kwargs["choices"] = tuple(self.choices[f.name])
+            kwargs.pop("metavar", None)
+        if "default" not in help_text.lower() and kwargs.get("action") != "store_true":
+            shown = _default(f)
+            shown = ",".join(shown) if isinstance(shown, tuple) else "none" if shown in (None, "", []) else shown
+            prefix = "the config's, else " if self.override else ""
+            help_text += f" [default: {prefix}{shown}]"
+        kwargs["help"] = help_text.strip().replace("%", "%%")
+        return kwargs
 
     def given(self, args: argparse.Namespace) -> dict[str, Any]:
         """{field: value} of the flags that are set (override: the ones given), as the field's type wants them."""

@@ -93,7 +93,8 @@ class ScheduleConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1 second, got {getattr(self, name)}")
         if not 0 <= self.retrain_jitter <= 1440:
-            raise ValueError(f"retrain_jitter is a window in minutes and must be in [0, 1440], got {self.retrain_jitter}")
+            raise ValueError(f"retrain_jitter is a window in minutes and must be in [0, 1440], got "
+                             f"{self.retrain_jitter}")
         if self.pool_concurrency is not None and self.pool_concurrency < 1:
             raise ValueError(f"pool_concurrency must be at least 1 run (or unset), got {self.pool_concurrency}")
 

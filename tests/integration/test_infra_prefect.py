@@ -1,7 +1,8 @@
-"""infra/prefect_deployments.py builds the deployments offline: importing Prefect and our flows and calling
-to_deployment() must open no network connection (the worker applies them later against the real server).
-Per family: the monitor check on an interval, the reference-perplexity check, and the retrain on cron and on the
-family's drift events, each limited to one run at a time with CANCEL_NEW (the coalescing rule)."""
+"""infra/prefect_deployments.py (over pipelines/schedules.py) builds the deployments offline: importing Prefect and
+our flows and calling to_deployment() must open no network connection (the worker applies them later against the
+real server). Per family: the monitor check on an interval (its verdicts to the configured model server), the
+reference-perplexity check, and the retrain on its jittered cron and on the family's drift events, each limited to
+one run at a time with CANCEL_NEW (the coalescing rule)."""
 
 import json
 import os
@@ -10,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from pipelines.schedules import jitter_minutes
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +28,7 @@ import infra.prefect_deployments as pd
 assert "prefect" not in sys.modules, "importing infra.prefect_deployments pulled in prefect"
 env = {"ADAPTEROPS_WORKDIR": "/data/work", "ADAPTEROPS_BASE_DIR": "/models/base", "ADAPTEROPS_FAMILY": "fam-a,fam-b",
        "ADAPTEROPS_MONITOR_INTERVAL": "600", "ADAPTEROPS_RETRAIN_CRON": "0 3 * * 0",
-       "ADAPTEROPS_ALERT_WEBHOOK": "http://alerts.example/hook"}
+       "ADAPTEROPS_ALERT_WEBHOOK": "http://alerts.example/hook", "ADAPTEROPS_SERVER_URL": "http://serving:8000"}
 deployments = pd.build_deployments(env)
 from prefect.utilities.schema_tools import validate
 out = []
@@ -41,12 +44,13 @@ for d in deployments:
     })
 errors = {}
 for var, value in (("ADAPTEROPS_RETRAIN_CRON", "every night"), ("ADAPTEROPS_MONITOR_INTERVAL", "0"),
-                   ("ADAPTEROPS_FAMILY", "bad/family")):
+                   ("ADAPTEROPS_FAMILY", "bad/family"), ("ADAPTEROPS_RETRAIN_JITTER", "soon")):
     try:
         pd.build_deployments({**env, var: value})
     except ValueError as e:
         errors[var] = str(e)
-print(json.dumps({"deployments": out, "errors": errors, "show": pd.describe(deployments)}))
+show = pd.describe(deployments, pd.ScheduleConfig.from_env(env))
+print(json.dumps({"deployments": out, "errors": errors, "show": show}))
 """
 
 
@@ -72,13 +76,17 @@ def test_each_family_gets_a_monitor_a_perplexity_check_and_a_retrain_deployment(
         assert monitor["parameters"]["ws"] == ws and monitor["parameters"]["family"] == fam
         assert monitor["parameters"]["drift"]["min_window"] == 50  # configs/demo.yaml's drift section
         assert monitor["parameters"]["webhook_url"] == "http://alerts.example/hook" and not monitor["triggers"]
+        assert monitor["parameters"]["server_url"] == "http://serving:8000"  # a drift verdict reaches /admin/drift
         ppl = got["reference-ppl-check", fam]
         assert ppl["entrypoint"] == "pipelines.flows.reference_ppl" and ppl["schedules"] == [3600.0]
         assert ppl["parameters"]["reference_windows"] == 24  # configs/demo.yaml's merge (MergeConfig default)
 
         retrain = got["retrain-on-drift", fam]
         assert retrain["entrypoint"] == "pipelines.flows.retrain"
-        assert retrain["schedules"] == [["0 3 * * 0", "UTC"]]
+        # 03:00 Sunday shifted by the family's fixed offset within the default 60-minute window
+        offset = jitter_minutes(fam, 60)
+        assert retrain["schedules"] == [[f"{offset} 3 * * 0", "UTC"]]
+        assert f"retrain-on-drift/{fam}" in probe["show"] and f"jitter +{offset} min of '0 3 * * 0'" in probe["show"]
         p = retrain["parameters"]
         assert p["ws"] == ws and p["family"] == fam and p["name"] is None
         assert p["new_train"] == f"/data/work/data/{fam}/new/train.jsonl"
@@ -97,3 +105,4 @@ def test_bad_schedule_settings_are_refused_with_the_variable_named(probe):
     assert "'every night' (ADAPTEROPS_RETRAIN_CRON, --retrain-cron) is not a cron" in errors["ADAPTEROPS_RETRAIN_CRON"]
     assert "ADAPTEROPS_MONITOR_INTERVAL=0" in errors["ADAPTEROPS_MONITOR_INTERVAL"]
     assert "invalid family name 'bad/family'" in errors["ADAPTEROPS_FAMILY"]
+    assert "ADAPTEROPS_RETRAIN_JITTER='soon' is not a whole number" in errors["ADAPTEROPS_RETRAIN_JITTER"]
