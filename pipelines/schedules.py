@@ -216,7 +216,9 @@ def retrain_parameters(env: Mapping[str, str], family: str | None = None,
         "new_train": str(data / "new" / "train.jsonl"), "new_val": str(data / "new" / "val.jsonl"),
         "old_train": str(data / "champion" / "train.jsonl"), "old_val": str(data / "champion" / "val.jsonl"),
         "replay_ratio": cfg.replay_ratio, "replay_strategy": cfg.replay_strategy,
-        "reference_prompts": cfg.reference_prompts, "max_tokens": cfg.traffic.max_tokens, "seed": cfg.seed,
+        "reference_prompts": cfg.reference_prompts, "seed": cfg.seed,
+        # the demo's config says how long its responses are; a production LifecycleConfig leaves the flow's default
+        **({"max_tokens": cfg.traffic.max_tokens} if hasattr(cfg, "traffic") else {}),
     }
 
 
