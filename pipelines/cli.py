@@ -1,5 +1,11 @@
 """The `adapterops` command line. Heavy libraries are imported inside each command, so `--help` is instant.
 
+The options of each stage's config are generated from its dataclass (command_options(), pipelines/options.py): a
+field added to InitConfig, TrainConfig, MergeConfig, EngineSpec or pipelines.schedules.ScheduleConfig is a flag of
+the commands that use it, with its type, default and docstring; choices come from the registries
+(pipelines/methods.py, pipelines.lm.QUANTIZERS). This module imports neither infra/ nor Prefect (the schedules'
+deployments are built by pipelines/schedules.py, in the flow layer).
+
 Run:  adapterops --help;  adapterops <command> --help
 """
 
