@@ -193,4 +193,9 @@ class EmbeddingIndex:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"embedding index {path} does not exist; build one with EmbeddingIndex(...).save")
-        return cls(np.load(path, allow_pickle=False))
+        saved = np.load(path, allow_pickle=False)
+        index = cls(saved)  # validated (and normalised: a file may come from elsewhere)
+        saved = saved.astype(np.float32, copy=False)
+        if np.allclose(np.linalg.norm(saved, axis=1), 1.0, atol=1e-5):
+            index.embeddings = saved  # rows saved by `save`: keep them bit for bit (float32 re-normalising is not)
+        return index
