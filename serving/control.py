@@ -42,7 +42,7 @@ from serving.engine import (
 from serving.fallback import FallbackPolicy
 from serving.metrics import ServingMetrics
 from serving.parity import GOLDEN_FILE, check_engine_parity, load_golden
-from serving.rollout import RolloutConfig, RolloutController, RolloutError
+from serving.rollout import RolloutConfig, RolloutController, RolloutError, RolloutStateUnavailable
 from serving.router import BASE, ROUTE_CANARY, ROUTE_CHAMPION, ROUTE_FALLBACK, Router, UnknownFamily
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,11 @@ class ServerState:
                              "serving.vllm_engine.VLLMEngine)")
         if self.api_key is not None and not self.api_key.strip():
             self.api_key = None  # an empty key must never open the admin API
+
+
+def _state_unavailable(e: Exception) -> APIError:
+    """The shared rollout state database is down: 503 (retry later), not a 500, and the message names it."""
+    return APIError(503, str(e), type="server_error", code="rollout_state_unavailable")
 
 
 class GatesFailed(RuntimeError):
@@ -617,6 +622,8 @@ class ControlPlane:
                                baseline=route.fallback)
         except RolloutError as e:
             raise APIError(409, str(e), code="rollout_conflict") from None
+        except RolloutStateUnavailable as e:
+            raise _state_unavailable(e) from None
         return {"rollout": status, "parity": parity}
 
     def abort_rollout(self, family: str, reason: str) -> dict:
@@ -624,12 +631,16 @@ class ControlPlane:
             return {"rollout": self.controller().abort(family, reason)}
         except RolloutError as e:
             raise APIError(409, str(e), code="rollout_conflict") from None
+        except RolloutStateUnavailable as e:
+            raise _state_unavailable(e) from None
 
     def rollout_status(self, family: str | None = None) -> dict:
         try:
             return self.controller().status(family)
         except KeyError as e:
             raise APIError(404, str(e.args[0]), param="family") from None
+        except RolloutStateUnavailable as e:
+            raise _state_unavailable(e) from None
 
     def _poll_loop(self, interval: float) -> None:
         errors: dict[str, str] = {}

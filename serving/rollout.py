@@ -37,7 +37,7 @@ challenger is caught at its smallest traffic share.
 A check that passes while its estimate is beyond its bound (feedback lower by more than the margin, but not
 significantly on the few samples an early look has) is "inconclusive": "not rejected" is not evidence of being good
 enough, so the step is extended, not advanced or promoted, until the challenger has `hold_inconclusive_until`
-samples in that check (then the test alone decides). Without it, 12-request steps promoted a challenger scored 0.05
+samples in that check or the step was held `hold_inconclusive_steps` times (then the test alone decides). Without it, 12-request steps promoted a challenger scored 0.05
 against the champion's 0.9 in ~10% of runs (tests/unit/test_serving_rollout.py). A promotion names the checks that
 could not be tested ("NOT checked: feedback ..."). The checks are a registry (CHECK_REGISTRY: how each runs, how many
 tests it spends alpha on, how its failure and its inconclusive estimate read). bench/canary_eval.py measures the
@@ -83,6 +83,11 @@ class RolloutError(ValueError):
     """A rollout operation that cannot be done in the current state (maps to HTTP 409)."""
 
 
+class RolloutStateUnavailable(RuntimeError):
+    """The shared rollout state's database (serving/rollout_shared.py) cannot be reached; the message names it (maps
+    to HTTP 503)."""
+
+
 @dataclass
 class RolloutConfig:
     steps: tuple[float, ...] = (0.05, 0.25, 0.5, 1.0)
@@ -120,6 +125,10 @@ class RolloutConfig:
     challenger has fewer than this many samples in that check, the step is extended instead of handing it more
     traffic or promoting it. Past it the test alone decides (a drop that is still not significant on this many
     samples is close to the margin). 0: off (the test alone decides at once)."""
+    hold_inconclusive_steps: int = 3
+    """At most this many extensions of one step for inconclusive estimates (the traffic at a small share can take
+    long to reach hold_inconclusive_until); then the test alone decides. A step held for missing samples
+    (min_samples, require_feedback) is not bounded by this."""
 
     def __post_init__(self):
         self.steps = tuple(float(s) for s in self.steps)
@@ -140,6 +149,9 @@ class RolloutConfig:
         if isinstance(self.hold_inconclusive_until, bool) or not isinstance(self.hold_inconclusive_until, int) \
                 or self.hold_inconclusive_until < 0:
             raise ValueError(f"hold_inconclusive_until must be an integer >= 0, got {self.hold_inconclusive_until!r}")
+        if isinstance(self.hold_inconclusive_steps, bool) or not isinstance(self.hold_inconclusive_steps, int) \
+                or self.hold_inconclusive_steps < 0:
+            raise ValueError(f"hold_inconclusive_steps must be an integer >= 0, got {self.hold_inconclusive_steps!r}")
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -351,9 +363,10 @@ def analyze(rollout: dict, cfg: RolloutConfig, since: int = 0) -> dict:
             "checks": checks}
 
 
-def _short_of_samples(analysis: dict, cfg: RolloutConfig) -> list[str]:
-    """Why the rollout may not promote (or advance) yet: the arms short of min_samples, and missing feedback when
-    it is required."""
+def _short_of_samples(analysis: dict, cfg: RolloutConfig, holds: int = 0) -> list[str]:
+    """Why the rollout may not promote (or advance) yet: the arms short of min_samples, missing feedback when it is
+    required, and inconclusive estimates (while the step was held for them fewer than hold_inconclusive_steps
+    times: `holds`)."""
     short = []
     er = analysis["checks"]["error_rate"]
     for arm in (CHAMPION, CHALLENGER):
@@ -365,9 +378,9 @@ def _short_of_samples(analysis: dict, cfg: RolloutConfig) -> list[str]:
                      f"min_samples={cfg.min_samples} (require_feedback)")
     for name, why in (analysis.get("inconclusive") or {}).items():
         n = analysis["checks"][name]["challenger_n"]
-        if n < cfg.hold_inconclusive_until:
+        if n < cfg.hold_inconclusive_until and holds < cfg.hold_inconclusive_steps:
             short.append(f"inconclusive: {why}; holding until the challenger has {cfg.hold_inconclusive_until} "
-                         f"samples ({n} now)")
+                         f"samples ({n} now; hold {holds + 1} of at most {cfg.hold_inconclusive_steps})")
     return short
 
 
@@ -577,7 +590,8 @@ class RolloutController:
             if c["tested"]:
                 looks[name] = int(looks.get(name, 0)) + 1
         last = ro["step"] == len(cfg.steps) - 1
-        short = _short_of_samples(analysis, cfg)
+        holds = int(ro.get("inconclusive_holds", 0))
+        short = _short_of_samples(analysis, cfg, holds)
         if analysis["failed"]:
             reason = _fail_reason(analysis, analysis["failed"])
             entry["decision"] = "rollback"
@@ -599,6 +613,8 @@ class RolloutController:
             ro["history"].append(entry)
             ro["step_requests"] = 0
             ro["step_started_at"] = now
+            if any(x.startswith("inconclusive:") for x in short):
+                ro["inconclusive_holds"] = holds + 1
         elif last:
             entry["decision"] = "promote"
             ro["history"].append(entry)
@@ -607,6 +623,7 @@ class RolloutController:
         else:
             entry["decision"] = "advance"
             ro["history"].append(entry)
+            ro["inconclusive_holds"] = 0
             ro["step"] += 1
             ro["weight"] = cfg.steps[ro["step"]]
             ro["step_requests"] = 0
@@ -730,5 +747,6 @@ def write_json_atomic(path: Path, obj: dict, durable: bool = True) -> None:
         raise
 
 
-__all__ = ["RolloutConfig", "RolloutController", "RolloutError", "analyze", "check_error_rate", "check_latency",
+__all__ = ["CHECK_REGISTRY", "Check", "RolloutConfig", "RolloutController", "RolloutError", "RolloutStateUnavailable",
+           "analyze", "check_error_rate", "check_latency",
            "check_feedback", "check_nll", "look_alpha", "write_json_atomic"]

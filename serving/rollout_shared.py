@@ -39,7 +39,8 @@ from typing import Callable
 import sqlalchemy as sa
 
 from monitoring.sql_log import describe, make_db_engine
-from serving.rollout import ACTIVE, CHALLENGER, CHAMPION, PROMOTED, RolloutConfig, RolloutController, RolloutError, _empty_arms
+from serving.rollout import (ACTIVE, CHALLENGER, CHAMPION, PROMOTED, RolloutConfig, RolloutController, RolloutError,
+                             RolloutStateUnavailable, _empty_arms)
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,6 @@ _STOP = object()
 _ERROR_LOG_EVERY_S = 10.0
 _MAX_FINISHED = 20
 LEASE = "rollout-driver"
-
-
-class RolloutStateUnavailable(RuntimeError):
-    """The shared rollout state's database cannot be reached; the message names it."""
 
 
 class StaleRollout(RuntimeError):

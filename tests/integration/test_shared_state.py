@@ -222,6 +222,18 @@ def test_a_database_that_goes_away_is_counted_not_fatal(db_url):
         ctl.flush()
         ctl.poll()
         assert log.count(family="blip") == 1 and ctl.status("blip")["counts"]["challenger"]["requests"] == 1
+        # over HTTP an abort while the database is away is a 503 naming it (retry later), not a 500
+        with admin.cursor() as cur:
+            cur.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS false')
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> "
+                        "pg_backend_pid()", (dbname,))
+        state = ServerState(engine=BuiltinEngine(BASE, max_loras=1), router=Router(seed=0), rollout=ctl,
+                            api_key=KEY, registry_poll_s=None)
+        with running(create_app(state)) as url, httpx.Client(base_url=url, timeout=30) as c:
+            r = c.post("/admin/rollout/abort", json={"family": "blip", "reason": "db away"}, headers=AUTH)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "rollout_state_unavailable", r.text
+            assert dbname in r.json()["error"]["message"]
+        state.engine.close()
     finally:
         with admin.cursor() as cur:
             cur.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS true')
