@@ -174,7 +174,8 @@ def shard_model(model, rank: Rank) -> int:
         fully_shard(layer, mesh=mesh, reshard_after_forward=True,
                     ignored_params={p for p in layer.parameters() if p in adapter})
     for p in adapter:  # left out of the sharding: move them like the rest of the unsharded model
-        p.data = p.data.to(device)
+        if not p.is_meta:  # a model built on the meta device is materialised by the caller (to_empty)
+            p.data = p.data.to(device)
     return len(layers)
 
 
@@ -207,14 +208,15 @@ def _launcher_death_signal() -> None:
         pass
 
 
-def torchrun_command(nproc: int, spec: Path, log_dir: Path, join_timeout_s: int = 120) -> list[str]:
-    """The launcher's command line: one node, nproc workers, c10d rendezvous on 127.0.0.1 at a free port, no
-    restarts (a failure is reported, not retried), each rank's stdout/stderr to log_dir, rank 0's echoed."""
+def torchrun_command(nproc: int, log_dir: Path, entry: list[str], join_timeout_s: int = 120) -> list[str]:
+    """The launcher's command line for `entry` (e.g. ["-m", "pipelines.distributed", spec]): one node, nproc
+    workers, c10d rendezvous on 127.0.0.1 at a free port, no restarts (a failure is reported, not retried), each
+    rank's stdout/stderr to log_dir, rank 0's echoed."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
             "--max-restarts", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
             "--rdzv-id", uuid.uuid4().hex[:12], "--rdzv-conf", f"join_timeout={join_timeout_s}",
             "--log-dir", str(log_dir), "--redirects", "3", "--tee", "1", "--local-ranks-filter", "0",
-            "-m", "pipelines.distributed", str(spec)]
+            *entry]
 
 
 def launch(cfg, base_path: Path, init_entry: Path, train_data: Path, val_data: Path, out: Path,
@@ -232,7 +234,8 @@ def launch(cfg, base_path: Path, init_entry: Path, train_data: Path, val_data: P
     env = {**os.environ, "ADAPTEROPS_DIST_WORKER": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
                                                                                            str(threads)),
            "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    cmd = torchrun_command(cfg.nproc, spec, work / "logs")
+    cmd = torchrun_command(cfg.nproc, work / "logs", ["-m", "pipelines.distributed", str(spec)],
+                           join_timeout_s=cfg.dist_timeout_s)
     log(f"train: launching {cfg.nproc} processes ({cfg.strategy}) under torchrun; rank logs in {work / 'logs'}")
     tail: collections.deque[str] = collections.deque(maxlen=40)
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
