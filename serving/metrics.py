@@ -39,6 +39,10 @@ class ServingMetrics:
                                     ["family"], registry=r)
         self.adapter_switches = Gauge("adapterops_adapter_switches", "Adapter switches done by the pool", registry=r)
         r.register(self.log_failures)
+        self.rollout_state_failures = _SumCounter(
+            "adapterops_rollout_state_failures", "Canary samples and feedback the shared rollout state database "
+            "(serving/rollout_shared.py) could not store; 0 with a file-backed rollout state")
+        r.register(self.rollout_state_failures)
 
     def watch_fallbacks(self, routes: Callable[[], dict]) -> None:
         """Export adapterops_fallback_active{family, fallback} from `routes()` (Router.families()) at scrape time."""
@@ -48,6 +52,11 @@ class ServingMetrics:
         """Export adapterops_prediction_log_failures_total: records refused at enqueue plus every record the
         log lost afterwards (monitoring.store.PredictionLog.failures: queue full, SQLite refused, writer error)."""
         self.log_failures.sources.append(lambda: getattr(log, "failures", 0))
+
+    def watch_rollout(self, controller) -> None:
+        """Export adapterops_rollout_state_failures_total from a shared controller's `failures` count."""
+        if controller is not None and hasattr(controller, "failures"):
+            self.rollout_state_failures.sources.append(lambda: controller.failures)
 
     def observe(self, family: str, version: str, route: str, status: str, latency_s: float,
                 completion_tokens: int = 0) -> None:
@@ -85,8 +94,11 @@ class _SumCounter:
     """A counter whose value is its own increments plus other counts read at scrape time."""
 
     NAME = "adapterops_prediction_log_failures"
+    HELP = ("Prediction-log records lost (refused at enqueue, dropped on a full queue, refused by the database or "
+            "lost to a writer error)")
 
-    def __init__(self):
+    def __init__(self, name: str | None = None, help: str | None = None):
+        self.name, self.help = name or self.NAME, help or self.HELP
         self._lock = threading.Lock()
         self._own = 0
         self.sources: list[Callable[[], int]] = []
@@ -105,8 +117,7 @@ class _SumCounter:
         return float(total)
 
     def _family(self, value: float | None = None) -> CounterMetricFamily:
-        return CounterMetricFamily(self.NAME, "Prediction-log records lost (refused at enqueue, dropped on a full "
-                                   "queue, refused by the database or lost to a writer error)", value=value)
+        return CounterMetricFamily(self.name, self.help, value=value)
 
     def describe(self):
         yield self._family()

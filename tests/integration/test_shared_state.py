@@ -233,6 +233,8 @@ def test_a_database_that_goes_away_is_counted_not_fatal(db_url):
             r = c.post("/admin/rollout/abort", json={"family": "blip", "reason": "db away"}, headers=AUTH)
             assert r.status_code == 503 and r.json()["error"]["code"] == "rollout_state_unavailable", r.text
             assert dbname in r.json()["error"]["message"]
+            metrics = c.get("/metrics").text
+            assert f"adapterops_rollout_state_failures_total {float(ctl.failures)}" in metrics and ctl.failures >= 5
         state.engine.close()
     finally:
         with admin.cursor() as cur:
