@@ -420,6 +420,48 @@ def cmd_retrain(args) -> int:
     return 0
 
 
+# -- build / ingest ----------------------------------------------------------------------------------------------
+
+def _progress(args):
+    """Where a command's progress lines go: stderr under --json (stdout holds only the JSON), else stdout."""
+    return (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
+
+
+def cmd_build(args) -> int:
+    """pipelines.onboard.run: a family's first version from the user's data; exit 1 when a gate fails (as merge)."""
+    from pipelines import onboard
+
+    _check_base(args.base)
+    _check_out_dir(args.workdir, "--workdir")
+    for flag, path in (("--train", args.build_train), ("--val", args.build_val)):
+        _check_jsonl(str(path), flag)
+    for flag in ("init_config", "train_config", "merge_config"):
+        if getattr(args, f"build_{flag}") is not None:
+            _check_text_file(str(getattr(args, f"build_{flag}")), f"--{flag.replace('_', '-')}",
+                             "a UTF-8 YAML file (see configs/)")
+    cfg = command_options()[("build",)]["build"].build(args)  # loads and checks the three YAMLs
+    summary = onboard.run(cfg, _workspace(args), log=_progress(args))
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    """pipelines.ingest.run: the newest labelled window <data>/<family>/new/ from the log; prints its manifest."""
+    from pipelines import ingest
+    from pipelines.profile import load_profile
+
+    cfg = command_options()[("ingest",)]["ingest"].build(args)
+    if cfg.extra is not None:
+        _check_jsonl(str(cfg.extra), "--extra")
+    if not (load_profile(args.profile).state_db_url or os.environ.get("ADAPTEROPS_STATE_DB_URL")) and \
+            not (Path(args.workdir) / "predictions.db").is_file():
+        raise CliError(f"{args.workdir} holds no predictions.db (the prediction log serving writes); pass the "
+                       "--workdir of `adapterops serve`, or a --profile whose state_db_url names the shared log")
+    out = ingest.run(cfg, _workspace(args), log=_progress(args))
+    print((out / "manifest.json").read_text().rstrip())
+    return 0
+
+
 # -- schedules ---------------------------------------------------------------------------------------------------
 
 def cmd_schedules(args) -> int:
@@ -526,6 +568,8 @@ def describe_error(e: BaseException, command: str | None = None) -> tuple[str, i
         _loaded("pipelines.lm", "SchemeUnavailable"), _loaded("serving.rollout", "RolloutError"),
         _loaded("serving.client", "AdminAPIError"), _loaded("serving.engine", "AdapterLoadError"),
         _loaded("serving.engine", "EngineError"), _loaded("pipelines.schedules", "PrefectUnavailable"),
+        _loaded("pipelines.onboard", "BuildRefused"), _loaded("pipelines.ingest", "NotEnoughData"),
+        _loaded("monitoring.sql_log", "PredictionLogUnavailable"),
     ) if c)
     if ours and isinstance(e, ours):
         config_error, data_error = _loaded("pipelines.config", "ConfigError"), _loaded("pipelines.data", "DataError")
@@ -589,8 +633,11 @@ PROFILE_HELP = "local (default) | production | path to a profile YAML"
 def command_options() -> dict[tuple[str, ...], dict[str, Options]]:
     """Per command (its path of subcommand names), the config dataclasses whose fields are its options."""
     from pipelines import lm, methods, serve
+    from pipelines.distributed import STRATEGIES
+    from pipelines.ingest import IngestConfig
     from pipelines.init_cache import BASE_QUANTS, DTYPES, InitConfig
     from pipelines.merge_quantize import MergeConfig
+    from pipelines.onboard import BuildConfig
     from pipelines.schedules import ScheduleConfig
     from pipelines.train import PRECISIONS, TrainConfig
 
@@ -626,12 +673,16 @@ def command_options() -> dict[tuple[str, ...], dict[str, Options]]:
         # --device is where training runs; the init's own seed and dtype get the init- prefix
         ("train",): {"init": init({"device": ("--init-device",), "seed": ("--init-seed",), "dtype": ("--init-dtype",)}),
                      "train": Options(TrainConfig, override=True, dest_prefix="train_", skip={"health": nested},
-                                      choices={"precision": PRECISIONS}, title="training (TrainConfig; a flag wins "
-                                      "over the --config YAML)")},
+                                      choices={"precision": PRECISIONS, "strategy": STRATEGIES},
+                                      title="training (TrainConfig; a flag wins over the --config YAML)")},
         ("merge",): {"merge": Options(MergeConfig, override=True, dest_prefix="merge_", skip={"gates": nested},
                                       choices={"quantize": lm.SCHEMES, "dtype": ("float32", "bfloat16")},
                                       helps={"quantize": "quantization scheme (default: the config's, nf4)"},
                                       title="merge and gates (MergeConfig; a flag wins over the --config YAML)")},
+        ("build",): {"build": Options(BuildConfig, dest_prefix="build_", choices={"method": methods.CHOICES},
+                                      title="first version (pipelines.onboard.BuildConfig)")},
+        ("ingest",): {"ingest": Options(IngestConfig, dest_prefix="ingest_",
+                                        title="retrain data (pipelines.ingest.IngestConfig)")},
         ("demo",): {"engine": engine},
         ("serve",): {"engine": engine},
         ("schedules", "serve"): {"schedule": Options(
@@ -692,6 +743,16 @@ def _add_lifecycle_commands(sub) -> None:
     m.add_argument("--expect-golden", default=None, metavar="FILE",
                    help="a rebuild: the version's stored golden logits (golden/parity_golden.safetensors); the "
                         "merged model must reproduce them (golden_* gates)")
+
+    bd = _leaf(sub, "build", "create, gate and register a family's first version from your data", func=cmd_build)
+    ig = _leaf(sub, "ingest", "turn logged requests with feedback (+ a labelled file) into the next retrain data",
+               func=cmd_ingest)
+    for q in (bd, ig):
+        q.add_argument("--workdir", default="work/demo", help="work dir holding the registry and predictions.db "
+                       "(default work/demo)")
+        q.add_argument("--profile", default="local", help=PROFILE_HELP)
+        q.add_argument("--json", action="store_true", help="print only the JSON result on stdout (progress on stderr)")
+    bd.add_argument("--base", default=str(DEFAULT_BASE), help="base model directory")
 
     rt = sub.add_parser("retrain", help="incremental retraining (replay buffer, warm start from the champion)")
     rt.add_argument("--workdir", default="work/demo")

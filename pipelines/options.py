@@ -21,6 +21,7 @@ import textwrap
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 MISSING = dataclasses.MISSING
@@ -124,7 +125,7 @@ class Options:
         elif typing.get_origin(tp) is tuple:
             kwargs.update(type=str, metavar="A,B,...")
             help_text += " (comma-separated)"
-        elif tp in (int, float, str):
+        elif tp in (int, float, str, Path):
             kwargs["type"] = tp
         else:
             raise TypeError(f"{self.cls.__name__}.{f.name}: no command-line form for type {tp!r}; skip it "
@@ -132,7 +133,10 @@ class Options:
         if f.name in self.choices:
             kwargs["choices"] = tuple(self.choices[f.name])
             kwargs.pop("metavar", None)
-        if "default" not in help_text.lower() and kwargs.get("action") != "store_true":
+        if default is MISSING:  # a field without a default: the flag is required
+            del kwargs["default"]
+            kwargs["required"] = True
+        elif "default" not in help_text.lower() and kwargs.get("action") != "store_true":
             shown = _default(f)
             shown = ",".join(shown) if isinstance(shown, tuple) else "none" if shown in (None, "", []) else shown
             prefix = "the config's, else " if self.override else ""

@@ -456,11 +456,15 @@ def local_server(home: Path, startup_timeout: float = 180.0):
 
 def serve(deployments: list) -> None:
     """Register the deployments with $PREFECT_API_URL's server and run their flow runs from this process until
-    interrupted (SIGINT/SIGTERM); schedules are paused on the way out. The server is checked first (bounded)."""
+    interrupted (SIGINT/SIGTERM); schedules are paused on the way out.
+
+    The server is checked first (check_server: 10 s), so a dead one fails at once, by name. The runner itself keeps
+    Prefect's own bounds (60 s per request, 5 retries with back-off): it and the flow runs it starts (which inherit
+    its settings) must ride out a busy server, where the tighter bounds of bounded_client_settings() would fail
+    runs that a slow answer only delays."""
     from prefect import serve as prefect_serve
 
     url = api_url()
     if url:
         check_server(url)
-    with bounded_client_settings():
-        prefect_serve(*deployments)
+    prefect_serve(*deployments)

@@ -21,8 +21,9 @@ from pipelines.config import REPO_ROOT
 
 ADAPTEROPS = Path(sys.executable).parent / "adapterops"
 TOP_COMMANDS = ["demo", "base", "init-cache", "train", "merge", "registry", "serve", "monitor", "retrain", "rollout",
-                "schedules"]
-LEAVES = [("demo",), ("base", "build"), ("init-cache",), ("train",), ("merge",), ("registry", "list"),
+                "schedules", "build", "ingest"]
+LEAVES = [("demo",), ("base", "build"), ("init-cache",), ("train",), ("merge",), ("build",), ("ingest",),
+          ("registry", "list"),
           ("registry", "show"), ("registry", "promote"), ("registry", "rollback"), ("registry", "history"),
           ("registry", "recover"), ("registry", "verify"), ("registry", "ping"),
           ("serve",), ("monitor", "check"), ("retrain",), ("rollout", "status"), ("rollout", "start"),

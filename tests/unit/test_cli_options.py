@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,8 @@ INPUTS = {
     ("demo",): {"--workdir", "--summary-json", "--config", "--profile"},
     ("serve",): {"--workdir", "--host", "--port", "--base", "--profile", "--fallback-config", "--auto-canary"},
     ("schedules", "serve"): {"--workdir", "--base", "--profile"},
+    ("build",): {"--workdir", "--profile", "--json", "--base"},
+    ("ingest",): {"--workdir", "--profile", "--json"},
 }
 
 
@@ -88,12 +91,14 @@ def _sample(opts: Options, f: dataclasses.Field):
         return [flag, "a", flag, "b"], ["a", "b"]
     if typing.get_origin(tp) is tuple:
         return [flag, "a, b"], ("a", "b")
-    return {int: ([flag, "7"], 7), float: ([flag, "0.25"], 0.25), str: ([flag, "x-y"], "x-y")}[tp]
+    return {int: ([flag, "7"], 7), float: ([flag, "0.25"], 0.25), str: ([flag, "x-y"], "x-y"),
+            Path: ([flag, "x/y.jsonl"], Path("x/y.jsonl"))}[tp]
 
 
 REQUIRED = {("train",): ["--train", "t", "--val", "v", "--out", "o"], ("merge",): ["--adapter", "a", "--out", "o",
                                                                                     "--val", "v"],
-            ("init-cache",): ["warm"]}
+            ("init-cache",): ["warm"], ("build",): ["--family", "f", "--train", "t", "--val", "v"],
+            ("ingest",): ["--family", "f"]}
 
 
 @pytest.mark.parametrize("path", sorted(INPUTS), ids=" ".join)
