@@ -220,3 +220,25 @@ def test_a_field_without_a_command_line_form_must_be_skipped_with_a_reason():
 def test_options_naming_no_field_are_refused():
     with pytest.raises(TypeError, match="flags names no field: nmae"):
         Options(Sample, flags={"nmae": ("--n",)})
+
+
+# -- what the CLI imports ----------------------------------------------------------------------------------------
+
+def test_the_cli_imports_neither_infra_nor_prefect():
+    """ARCHITECTURE.md: Prefect only in the flow layer (pipelines/flows.py, pipelines/schedules.py) and infra/; the
+    CLI reaches the deployments through pipelines.schedules, inside the command. Checked on the source (every import
+    statement, function-level ones included) and on a process that builds the whole parser."""
+    import ast
+    import subprocess
+    import sys
+
+    from pipelines.config import REPO_ROOT
+
+    tree = ast.parse((REPO_ROOT / "pipelines" / "cli.py").read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not {m for m in imported if m.split(".")[0] in ("infra", "prefect")}, imported
+    code = ("import sys; from pipelines import cli; cli.build_parser(); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'infra', 'torch', 'mlflow'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"  # --help stays instant: no Prefect, MLflow or torch to build the parser
