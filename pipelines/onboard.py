@@ -44,7 +44,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.atomic import atomic_open, write_json
@@ -88,11 +88,10 @@ class BuildConfig:
     data_dir: Path | None = None
     """Where the retrain flows read data (<data>/<family>/champion/...); None = $ADAPTEROPS_DATA_DIR or
     <workdir>/data."""
-    init: init_cache.InitConfig = field(init=False, repr=False)
-    train_cfg: train.TrainConfig = field(init=False, repr=False)
-    merge_cfg: merge_quantize.MergeConfig = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        """Validates everything and loads the three YAMLs into `init` (InitConfig), `train_cfg` (TrainConfig) and
+        `merge_cfg` (MergeConfig): attributes, not fields, so from_dict / asdict see only the user's inputs."""
         from registry.names import validate_name
 
         validate_name("family", self.family)
