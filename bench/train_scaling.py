@@ -119,6 +119,7 @@ def worker(case: dict, out: Path) -> None:
     from bench.train_throughput import text_rows
     from pipelines import distributed, fast_train, train
 
+    distributed.die_with_parent()
     local = int(os.environ["LOCAL_RANK"])
     device = f"cuda:{local}" if case["device"] == "cuda" else "cpu"
     if device.startswith("cuda"):

@@ -87,8 +87,29 @@ def current(strategy: str = "ddp", device: str = "cpu") -> Rank:
 
 
 def in_worker() -> bool:
-    """True inside a worker that launch() started (then train.run trains instead of launching again)."""
-    return "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("ADAPTEROPS_DIST_WORKER") == "1"
+    """True in a process that torchrun started (launch()'s workers, or a user's own torchrun of the CLI): then
+    train.run joins the process group and trains instead of launching again."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def join(cfg) -> str:
+    """Join this torchrun worker's process group (once; gloo on the CPU, nccl on CUDA) and return its device."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ["WORLD_SIZE"])
+    if world != cfg.nproc:
+        raise ValueError(f"this process runs under torchrun with WORLD_SIZE={world}, but the training config says "
+                         f"nproc {cfg.nproc}; pass --nproc {world} (or let `adapterops train --nproc N` launch it)")
+    device = worker_device(cfg.device)
+    if not dist.is_initialized():
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
+    return device
 
 
 def worker_device(device: str) -> str:
@@ -187,25 +208,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """Linux: this process gets SIGKILL (a launcher gets SIGTERM, which torchrun turns into stopping its workers)
-    when its parent dies, so a killed run leaves no orphan rank training on."""
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Linux: deliver `sig` to this process when its parent dies (PR_SET_PDEATHSIG), so that killing a run (even
+    with SIGKILL) leaves no orphan rank training on: workers get SIGKILL when torchrun dies, torchrun gets SIGTERM
+    (it then stops its workers) when the process that launched it dies. Elsewhere nothing."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL if in_worker() else signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the call: the signal would never come
+        os.kill(os.getpid(), sig)
 
 
 def _launcher_death_signal() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:
-        pass
+    die_with_parent(signal.SIGTERM)
 
 
 def torchrun_command(nproc: int, log_dir: Path, entry: list[str], join_timeout_s: int = 120) -> list[str]:
@@ -231,13 +249,13 @@ def launch(cfg, base_path: Path, init_entry: Path, train_data: Path, val_data: P
                                 "train": str(train_data), "val": str(val_data), "out": str(out),
                                 "parent": str(parent) if parent else None, "failures": str(work / "failures")}))
     threads = max(1, (os.cpu_count() or 1) // cfg.nproc)
-    env = {**os.environ, "ADAPTEROPS_DIST_WORKER": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
                                                                                            str(threads)),
            "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     cmd = torchrun_command(cfg.nproc, work / "logs", ["-m", "pipelines.distributed", str(spec)],
                            join_timeout_s=cfg.dist_timeout_s)
     log(f"train: launching {cfg.nproc} processes ({cfg.strategy}) under torchrun; rank logs in {work / 'logs'}")
-    tail: collections.deque[str] = collections.deque(maxlen=40)
+    tail: collections.deque[str] = collections.deque(maxlen=80)
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, preexec_fn=_launcher_death_signal)
     try:
@@ -270,29 +288,35 @@ def _rank_log_tail(work: Path, rank: int, n: int = 25) -> str:
     return "\n".join(f"  | {x}" for x in lines[-n:])
 
 
+def _root_cause(lines: list[str]) -> tuple[int | None, str]:
+    """(rank, cause) from the "Root Cause" block of torchrun's failure summary ("rank : 1 (local_rank: 1)",
+    "exitcode : -9 (pid: ..)", "traceback : Signal 9 (SIGKILL) received by PID .."); (None, why) without one."""
+    starts = [i for i, line in enumerate(lines) if "Root Cause" in line]
+    if not starts:
+        return None, "no rank recorded an exception, and torchrun printed no root cause"
+    rank, parts = None, []
+    for line in lines[starts[-1]:]:
+        key, _, value = line.strip().partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "rank" and value.split()[:1] and value.split()[0].isdigit():
+            rank = int(value.split()[0])
+        elif key in ("exitcode", "traceback") and value:
+            parts.append(f"{key} {value}")
+    return rank, "; ".join(parts) or "no rank recorded an exception (killed by a signal or crashed)"
+
+
 def _raise_failure(work: Path, nproc: int, rc: int, launcher_tail: list[str]):
     from pipelines.train import HealthCheckFailed
 
     failures = sorted((json.loads(p.read_text()) for p in (work / "failures").glob("rank-*.json")),
                       key=lambda f: f["time"])
-    if failures and failures[0].get("health") is not None:
-        raise HealthCheckFailed(failures[0]["health"])
-    if failures:
-        first = failures[0]
-        rank, cause = first["rank"], first["error"]
-    else:  # no rank recorded an exception: one died from a signal (OOM killer, kill -9) or crashed
-        rank, cause = None, "no rank recorded an exception (a rank was killed by a signal or crashed)"
-        for line in launcher_tail:
-            if "rank" in line and ("exitcode" in line or "Signal" in line or "signal" in line):
-                cause = line.strip()
-        for line in launcher_tail:  # torchrun's failure summary: "rank      : 1 (local_rank: 1)"
-            s = line.strip()
-            if s.startswith("rank") and ":" in s and "local_rank" in s:
-                try:
-                    rank = int(s.split(":", 1)[1].split("(")[0])
-                except ValueError:
-                    pass
-                break
+    rank, cause = _root_cause(launcher_tail)
+    # a rank killed by a signal (OOM killer, kill -9) records nothing, and its peers then fail in a collective
+    # (recording that): torchrun's root cause names the killed one. Otherwise the first recorded exception wins.
+    if failures and "exitcode -" not in cause:
+        if failures[0].get("health") is not None:
+            raise HealthCheckFailed(failures[0]["health"])
+        rank, cause = failures[0]["rank"], failures[0]["error"]
     where = f"rank {rank} of {nproc}" if rank is not None else f"a rank of {nproc}"
     body = _rank_log_tail(work, rank) if rank is not None else "\n".join(f"  | {x}" for x in launcher_tail[-25:])
     raise DistributedTrainingFailed(
@@ -308,23 +332,15 @@ def _config_from_dict(d: dict):
 
 
 def worker_main(spec_path: str) -> None:
-    """One rank: join the process group, train (pipelines.train.run), record a failure for the launcher."""
-    import datetime
-
+    """One rank of launch(): train (pipelines.train.run joins the process group), record a failure for the
+    launcher."""
     import torch.distributed as dist
 
-    _die_with_parent()
+    die_with_parent()
     spec = json.loads(Path(spec_path).read_text())
     rank = int(os.environ["RANK"])
     try:
         cfg = _config_from_dict(spec["config"])
-        device = worker_device(cfg.device)
-        if device.startswith("cuda"):
-            import torch
-
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                                timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
         if rank == 0:
             def log(*a):
                 print(LOG_MARK + " ".join(map(str, a)), flush=True)

@@ -658,7 +658,7 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
         return distributed.launch(cfg, base_path, init_entry, train_data, val_data, out, parent, log)
     device, precision = resolve_device_precision(cfg)
     if distributed.in_worker():
-        device = distributed.worker_device(cfg.device)
+        device = distributed.join(cfg)
     rank = distributed.current(cfg.strategy, device)
     init_manifest, inputs, config, fp = _identity(cfg, base_path, init_entry, train_data, val_data, parent, precision)
     if manifest.reusable(out, "adapter", fp) is not None:
@@ -712,6 +712,8 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
         "train_examples": len(train_rows), "val_examples": len(val_rows),
         "device": device, "precision": precision, "stopped_early": stopped_early,
         "resumed_from_step": st["resumed_from"], "processes": rank.world,
+        "parameters_per_process": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+                                      for p in model.parameters()),  # below total_parameters under fsdp
     }
     if not health["passed"]:
         raise HealthCheckFailed(health)

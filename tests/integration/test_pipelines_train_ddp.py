@@ -36,6 +36,12 @@ train.run(cfg, Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), Path(sys
 """
 
 
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def _cfg(**kw) -> dict:
     return {"steps": 12, "batch_size": 4, "grad_accum": 2, "max_len": 64, "eval_every": 6, "checkpoint_every": 3,
             **kw}
@@ -132,6 +138,22 @@ def test_a_killed_two_process_run_resumes_and_ends_like_an_uninterrupted_run(one
     assert not ckpt.exists(), "the checkpoints are removed once the run has finished"
 
 
+def test_fsdp_shards_the_frozen_base_and_gives_one_process_results(one_process, init_entry, tiny_data, tmp_path):
+    """FSDP2 on gloo: each decoder layer's frozen weights are split over the 2 ranks (each holds about half the
+    layers' parameters), the adapter is replicated, and the run equals one process's."""
+    from pipelines import train
+
+    logs: list[str] = []
+    out = train.run(train.TrainConfig(**_cfg(nproc=2, strategy="fsdp")), BASE, init_entry("lora"),
+                    tiny_data.train, tiny_data.val, tmp_path / "fsdp", log=lambda *a: logs.append(" ".join(map(str, a))))
+    _assert_same_run(out, one_process)
+    m = _manifest(out)["metrics"]
+    assert any("frozen weights of 4 decoder layers sharded over 2 processes" in x for x in logs), logs
+    assert m["total_parameters"] == _manifest(one_process)["metrics"]["total_parameters"]
+    assert m["parameters_per_process"] < 0.8 * m["total_parameters"], m
+    assert _manifest(out)["settings"]["strategy"] == "fsdp"
+
+
 def test_a_failing_rank_gives_an_error_naming_it(init_entry, tiny_data, tmp_path):
     from pipelines import distributed, train
 
@@ -147,12 +169,19 @@ def test_a_failing_rank_gives_an_error_naming_it(init_entry, tiny_data, tmp_path
     assert not out.exists()
 
 
-def test_nproc_must_divide_grad_accum():
+@pytest.mark.skipif(_cuda_count() < 2, reason="needs >= 2 CUDA GPUs (nccl)")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gpus_over_nccl_give_one_gpu_results(strategy, init_entry, tiny_data, tmp_path):
+    """The same on 2 GPUs (nccl, bf16 frozen base): equal to one GPU within bf16 tolerance."""
     from pipelines import train
 
-    with pytest.raises(ValueError, match=r"grad_accum \(1\) must be a multiple of nproc \(2\)"):
-        train.TrainConfig(nproc=2)
-    with pytest.raises(ValueError, match="strategy must be one of ddp, fsdp"):
-        train.TrainConfig(strategy="zero3")
-    with pytest.raises(ValueError, match="names one GPU"):
-        train.TrainConfig(nproc=2, grad_accum=2, device="cuda:1")
+    kw = {"device": "cuda", "checkpoint_every": 0}
+    one = train.run(train.TrainConfig(**_cfg(**kw)), BASE, init_entry("lora"), tiny_data.train, tiny_data.val,
+                    tmp_path / "one", log=lambda *a: None)
+    two = train.run(train.TrainConfig(**_cfg(nproc=2, strategy=strategy, **kw)), BASE, init_entry("lora"),
+                    tiny_data.train, tiny_data.val, tmp_path / "two", log=lambda *a: None)
+    a, b = _manifest(two), _manifest(one)
+    assert a["metrics"]["processes"] == 2 and a["metrics"]["device"] == "cuda:0"
+    for x, y in zip(a["curve"], b["curve"]):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], abs=2e-2), (x, y)
+    assert a["metrics"]["val_loss"] == pytest.approx(b["metrics"]["val_loss"], abs=2e-2)
