@@ -78,6 +78,11 @@ def append_jsonl(path: str | os.PathLike, row: Any, **dumps_kwargs: Any) -> None
     O_APPEND do not interleave between processes on a local filesystem; a crash can at worst cut the last line,
     which the reader reports as malformed, naming the line."""
     path = Path(path)
+    data = dumps_line(row, **dumps_kwargs).encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(dumps_line(row, **dumps_kwargs))
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        while data:  # one write(2) for any line a regular file accepts whole
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)

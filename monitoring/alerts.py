@@ -18,6 +18,8 @@ from pathlib import Path
 
 import httpx
 
+from common.jsonl import append_jsonl
+
 logger = logging.getLogger(__name__)
 
 SEVERITIES = ("info", "warning", "error", "critical")
@@ -77,11 +79,8 @@ class JsonFileSink:
         self._lock = threading.Lock()
 
     def send(self, alert: Alert) -> None:
-        line = alert_json(alert) + "\n"
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(line)
+            append_jsonl(self.path, alert.as_dict(), default=_json_default, sort_keys=True)  # = alert_json(alert)
 
 
 class WebhookSink:
