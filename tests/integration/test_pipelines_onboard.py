@@ -139,3 +139,37 @@ def test_failing_gates_register_nothing_and_leave_no_running_run(built, workspac
     assert "gated-out" not in reg.families()
     assert not _running_runs(reg)
     assert not (workspace.root / "data" / "gated-out").exists()
+
+
+def test_built_champion_plus_ingested_feedback_is_what_retrain_reads(prefect_harness, built, workspace, tiny_data,
+                                                                      configs):
+    """The layout contract end to end: build leaves <data>/<family>/champion/, ingest writes <data>/<family>/new/
+    from the logged traffic that got good feedback, and the retrain flow trains v2 from exactly those paths."""
+    from monitoring.store import PredictionLog
+    from pipelines.data import read_jsonl
+    from pipelines.flows import retrain
+    from pipelines.ingest import IngestConfig
+    from pipelines.ingest import run as ingest
+
+    log = PredictionLog(workspace.prediction_log_target)
+    try:
+        for i, e in enumerate(read_jsonl(tiny_data.new_train)[:24]):
+            log.log({"request_id": f"r{i}", "family": FAMILY, "version": "1", "prompt": e.prompt,
+                     "response": e.response})
+        log.flush()
+        for i in range(24):
+            assert log.add_feedback(f"r{i}", 1.0 if i % 4 else 0.0)  # every fourth answer rated bad
+    finally:
+        log.close()
+    new = ingest(IngestConfig(family=FAMILY, min_examples=12), workspace, log=lambda *a: None)
+    champion = workspace.root / "data" / FAMILY / "champion"
+    assert new == workspace.root / "data" / FAMILY / "new"
+    assert len(read_jsonl(new / "train.jsonl")) + len(read_jsonl(new / "val.jsonl")) == 18
+
+    v2 = retrain(workspace, FAMILY, "v2", built["configs"]["init"], TRAIN, MERGE, new / "train.jsonl",
+                 new / "val.jsonl", champion / "train.jsonl", champion / "val.jsonl", reference_prompts=8,
+                 max_tokens=4)
+    assert v2["version"] == "2" and v2["parent_version"] == "1" and v2["init_hit"] is True
+    reg = workspace.registry()
+    assert reg.alias(FAMILY, "challenger") == "2" and reg.alias(FAMILY, "champion") == "1"
+    assert json.loads(reg.get(FAMILY, "2").tags["dataset_categories"]).get("traffic", 0) > 0
