@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 
-.PHONY: demo test test-unit test-integration test-e2e install vllm-venv bench clean
+.PHONY: demo test test-unit test-integration test-e2e prod-test install vllm-venv bench clean
 
 install: $(STAMP)
 
@@ -51,6 +51,12 @@ test-integration: $(STAMP) $(VLLM_STAMP)
 
 test-e2e: $(STAMP)
 	$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
+
+# The production profile end to end on this machine, no Docker (infra/prodtest.py): PostgreSQL on 127.0.0.1:5432
+# (fresh databases, dropped after), moto S3, MLflow and Prefect servers, two workers, two serving replicas.
+# ADAPTEROPS_RECORD_BENCH=1 also writes bench/results/prod_profile.json and BENCHMARKS.md.
+prod-test: $(STAMP)
+	$(PY) -m pytest -q tests/prod $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
