@@ -1,4 +1,6 @@
-"""The Prefect layer: the only module that imports Prefect. Tasks wrap the plain stage functions; flows order them.
+"""The Prefect layer: with pipelines/schedules.py (their deployments) and infra/, the only code that imports Prefect
+(tests/unit/test_import_rules.py). Tasks wrap the plain stage functions; flows order, retry, cache and schedule them,
+and hold no logic of their own (the demo's pieces are in pipelines/demo.py, the monitor's in pipelines/monitor_jobs.py).
 
 Every stage runs without Prefect (pipelines.<stage>.run); here Prefect adds run tracking, retries where a retry can
 help (registry calls), and events. Flow parameters are plain values (paths, dicts) so runs show up readably in the UI.
