@@ -35,7 +35,8 @@ Rules:
   without an alias (promote it later with `adapterops registry promote F 1`).
 - On promotion, the training data is copied to <data>/<family>/champion/{train,val}.jsonl, the champion data the
   retrain flow reads (its replay buffer and old-categories gate; infra/README.md, "Data"). <data> = data_dir, else
-  $ADAPTEROPS_DATA_DIR, else <workdir>/data. Existing champion data is left alone (it is another champion's).
+  $ADAPTEROPS_DATA_DIR, else <workdir>/data. Files already there are replaced (the family had no version, so no
+  champion was trained on them); with --no-promote nothing is copied (the log line says where it must go).
 - Re-running the same build after a failure reuses what finished (every stage is idempotent by its manifest).
 """
 
@@ -220,7 +221,8 @@ def run(cfg: BuildConfig, ws: Workspace, log=print) -> dict:
     write_json(run_dir / "build.json", summary, default=str)
     if not cfg.promote:
         log(f"build {cfg.family}: v{info.version} registered, not promoted (--no-promote); nothing serves it until "
-            f"`adapterops registry promote {cfg.family} {info.version}`")
+            f"`adapterops registry promote {cfg.family} {info.version}`, and retraining needs its data in "
+            f"{data_root(ws, cfg.data_dir) / cfg.family / 'champion'}/{{train,val}}.jsonl")
         return summary
 
     others = [v.version for v in reg.list_versions(cfg.family) if v.version != info.version]
@@ -232,11 +234,11 @@ def run(cfg: BuildConfig, ws: Workspace, log=print) -> dict:
                 reason=f"first version of {cfg.family}: gates passed, no champion to canary against")
     champion_data = data_root(ws, cfg.data_dir) / cfg.family / "champion"
     if (champion_data / "train.jsonl").exists() or (champion_data / "val.jsonl").exists():
-        log(f"build {cfg.family}: {champion_data} already holds champion data; left as it is (check it is "
-            f"v{info.version}'s before a retrain reads it)")
-    else:
-        _copy_atomic(cfg.train, champion_data / "train.jsonl")
-        _copy_atomic(cfg.val, champion_data / "val.jsonl")
+        # the family had no version, so no champion was trained on what is there (a deleted family's leftovers)
+        log(f"build {cfg.family}: replacing the champion data in {champion_data}, which no version of the family "
+            "was trained on")
+    _copy_atomic(cfg.train, champion_data / "train.jsonl")
+    _copy_atomic(cfg.val, champion_data / "val.jsonl")
     summary.update(promoted=True, champion_data=str(champion_data))
     write_json(run_dir / "build.json", summary, default=str)
     log(f"build {cfg.family}: v{info.version} is champion; its data is in {champion_data} for retraining")

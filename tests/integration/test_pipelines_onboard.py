@@ -97,6 +97,20 @@ def test_a_family_with_versions_is_refused_pointing_to_retrain(built, workspace,
     assert not (workspace.root / "runs" / "second").exists()
 
 
+def test_no_promote_registers_without_an_alias_and_copies_no_data(built, workspace, tiny_data, configs):
+    from pipelines.onboard import run
+
+    lines: list[str] = []
+    # the same run name reuses the trained adapter, its gates and reference (every stage is idempotent)
+    out = run(_config(tiny_data, configs, family="quiet", name=f"build-{FAMILY}", promote=False), workspace,
+              log=lines.append)
+    reg = workspace.registry()
+    assert out["version"] == "1" and out["promoted"] is False and reg.aliases("quiet") == {}
+    assert reg.get("quiet", "1").gates_passed() and reg.history("quiet") == []
+    assert not (workspace.root / "data" / "quiet").exists()
+    assert any("not promoted" in x and "adapterops registry promote quiet 1" in x for x in lines), lines
+
+
 def test_bad_files_and_options_are_named_before_anything_runs(workspace, tiny_data, configs, tmp_path):
     from pipelines.config import ConfigError
     from pipelines.data import DataError
