@@ -39,16 +39,16 @@ from bench.common import ratio, write_result
 NAME = "train_scaling"
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = {  # Llama shapes (vocab 32000); 1b and 7b are bench/train_throughput.py's LLAMA_1B / LLAMA_7B
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4),
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32),
-    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                num_key_value_heads=40),
-    "34b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=48, num_attention_heads=64,
-                num_key_value_heads=8),
-    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                num_key_value_heads=8),
+    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+           "num_attention_heads": 32, "num_key_value_heads": 4},
+    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+           "num_attention_heads": 32, "num_key_value_heads": 32},
+    "13b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+            "num_attention_heads": 40, "num_key_value_heads": 40},
+    "34b": {"hidden_size": 8192, "intermediate_size": 22016, "num_hidden_layers": 48,
+            "num_attention_heads": 64, "num_key_value_heads": 8},
+    "70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+            "num_attention_heads": 64, "num_key_value_heads": 8},
 }
 
 
@@ -178,9 +178,11 @@ def run_case(case: dict, timeout_s: int) -> dict:
         cmd = torchrun_command(case["nproc"], Path(tmp) / "logs",
                                ["-m", "bench.train_scaling", "--worker", json.dumps(case), str(out)])
         env = {**os.environ, "PYTHONPATH": str(REPO),
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // case["nproc"])))}
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
+                                                 str(max(1, (os.cpu_count() or 1) // case["nproc"])))}
         try:
-            proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+            proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
+                                  check=False)
         except subprocess.TimeoutExpired:
             return {"status": "timeout", "note": f"no result within {timeout_s} s"}
         if proc.returncode == 0 and out.is_file():
@@ -256,8 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"title": f"Training scaling over GPUs ({args.device}): DDP tok/s per GPU, largest FSDP2 base",
               "description": __doc__.split("\n\n")[1].replace("\n", " "),
               "command": " ".join(["python -m bench.run", NAME, *argv]), "rows": rows, "ratios": ratios,
-              "notes": [f"largest FSDP2 shape that trained on {n_fsdp} GPUs: {fits[-1] if fits else 'none'} "
-                        f"({args.fsdp_batch_size} x {args.max_len}-token rows per GPU)",
+              "notes": [(f"largest FSDP2 shape that trained on {n_fsdp} GPUs: {fits[-1] if fits else 'none'} "
+                         f"({args.fsdp_batch_size} x {args.max_len}-token rows per GPU)"),
                         "each case is one timed run of --steps steps after --warmup (seconds column)"]}
     name = NAME if args.device == "cuda" else f"{NAME}_cpu_smoke"
     path = write_result(name, result, **({"results_dir": Path(args.results_dir)} if args.results_dir else {}))

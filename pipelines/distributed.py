@@ -222,19 +222,16 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         os.kill(os.getpid(), sig)
 
 
-def _launcher_death_signal() -> None:
-    die_with_parent(signal.SIGTERM)
-
-
 def torchrun_command(nproc: int, log_dir: Path, entry: list[str], join_timeout_s: int = 120) -> list[str]:
-    """The launcher's command line for `entry` (e.g. ["-m", "pipelines.distributed", spec]): one node, nproc
+    """The launcher's command line for `entry` (e.g. ["-m", "pipelines.distributed", spec]): PyTorch's own
+    torch.distributed.run (through torchrun_main, which stops it when its parent dies) on one node, nproc
     workers, c10d rendezvous on 127.0.0.1 at a free port, no restarts (a failure is reported, not retried), each
     rank's stdout/stderr to log_dir, rank 0's echoed."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-            "--max-restarts", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
-            "--rdzv-id", uuid.uuid4().hex[:12], "--rdzv-conf", f"join_timeout={join_timeout_s}",
-            "--log-dir", str(log_dir), "--redirects", "3", "--tee", "1", "--local-ranks-filter", "0",
-            *entry]
+    return [sys.executable, "-m", "pipelines.distributed", "--torchrun", "--nnodes", "1",
+            "--nproc-per-node", str(nproc), "--max-restarts", "0", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", uuid.uuid4().hex[:12],
+            "--rdzv-conf", f"join_timeout={join_timeout_s}", "--log-dir", str(log_dir), "--redirects", "3",
+            "--tee", "1", "--local-ranks-filter", "0", *entry]
 
 
 def launch(cfg, base_path: Path, init_entry: Path, train_data: Path, val_data: Path, out: Path,
@@ -243,6 +240,11 @@ def launch(cfg, base_path: Path, init_entry: Path, train_data: Path, val_data: P
     `out` (written by rank 0). Raises HealthCheckFailed (a rank's health check failed) or DistributedTrainingFailed."""
     from dataclasses import asdict
 
+    import torch
+
+    if cfg.device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < cfg.nproc:
+        raise ValueError(f"nproc {cfg.nproc} runs one process per GPU, but torch sees {torch.cuda.device_count()} "
+                         f"GPU(s); lower nproc, or use device: cpu (gloo)")
     work = Path(tempfile.mkdtemp(prefix="adapterops-dist-"))
     spec = work / "spec.json"
     spec.write_text(json.dumps({"config": asdict(cfg), "base": str(base_path), "init_entry": str(init_entry),
@@ -257,7 +259,7 @@ def launch(cfg, base_path: Path, init_entry: Path, train_data: Path, val_data: P
     log(f"train: launching {cfg.nproc} processes ({cfg.strategy}) under torchrun; rank logs in {work / 'logs'}")
     tail: collections.deque[str] = collections.deque(maxlen=80)
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, preexec_fn=_launcher_death_signal)
+                            bufsize=1)
     try:
         for line in proc.stdout:
             if LOG_MARK in line:
@@ -351,7 +353,7 @@ def worker_main(spec_path: str) -> None:
 
         train.run(cfg, Path(spec["base"]), Path(spec["init_entry"]), Path(spec["train"]), Path(spec["val"]),
                   Path(spec["out"]), parent=Path(spec["parent"]) if spec["parent"] else None, log=log)
-    except BaseException as e:
+    except BaseException as e:  # noqa: BLE001  (recorded for the launcher, then this rank exits)
         failures = Path(spec["failures"])
         failures.mkdir(parents=True, exist_ok=True)
         record = {"rank": rank, "time": time.time(), "error": f"{type(e).__name__}: {e}".strip()[:2000],
@@ -364,5 +366,16 @@ def worker_main(spec_path: str) -> None:
         dist.destroy_process_group()
 
 
+def torchrun_main(argv: list[str]) -> None:
+    """PyTorch's launcher (torch.distributed.run), set to stop when the process that started it dies."""
+    from torch.distributed.run import main
+
+    die_with_parent(signal.SIGTERM)  # torchrun stops its workers on SIGTERM
+    main(argv)
+
+
 if __name__ == "__main__":
-    worker_main(sys.argv[1])
+    if sys.argv[1:2] == ["--torchrun"]:
+        torchrun_main(sys.argv[2:])
+    else:
+        worker_main(sys.argv[1])

@@ -144,10 +144,12 @@ class TrainConfig:
         if self.nproc > 1 and self.grad_accum % self.nproc:
             raise ValueError(f"grad_accum ({self.grad_accum}) must be a multiple of nproc ({self.nproc}): each process "
                              f"takes grad_accum / nproc of a step's micro-batches, so that the effective batch "
-                             f"(batch_size * grad_accum) is one process's; set grad_accum: {self.nproc} (or a multiple)")
+                             f"(batch_size * grad_accum) is one process's; set grad_accum: {self.nproc} "
+                             f"(or a multiple)")
         if self.nproc > 1 and self.device.startswith("cuda:"):
             raise ValueError(f"device {self.device!r} names one GPU, but nproc {self.nproc} uses one GPU per process "
-                             f"(cuda:0..{self.nproc - 1}); use device: cuda (or auto), and CUDA_VISIBLE_DEVICES to pick GPUs")
+                             f"(cuda:0..{self.nproc - 1}); use device: cuda (or auto), and CUDA_VISIBLE_DEVICES "
+                             f"to pick the GPUs")
 
 
 class HealthCheckFailed(RuntimeError):
@@ -654,16 +656,16 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
     cfg.nproc > 1, launches cfg.nproc processes under torchrun (pipelines.distributed), each running this."""
     from pipelines import distributed
 
-    if cfg.nproc > 1 and not distributed.in_worker():
-        return distributed.launch(cfg, base_path, init_entry, train_data, val_data, out, parent, log)
     device, precision = resolve_device_precision(cfg)
     if distributed.in_worker():
         device = distributed.join(cfg)
-    rank = distributed.current(cfg.strategy, device)
     init_manifest, inputs, config, fp = _identity(cfg, base_path, init_entry, train_data, val_data, parent, precision)
     if manifest.reusable(out, "adapter", fp) is not None:
         log(f"train: {out} already holds this adapter (manifest matches); reusing it")
         return Path(out)
+    if cfg.nproc > 1 and not distributed.in_worker():
+        return distributed.launch(cfg, base_path, init_entry, train_data, val_data, out, parent, log)
+    rank = distributed.current(cfg.strategy, device)
     method = init_manifest["config"]["method"]
     spec = methods.get(method)
     if not rank.main:
@@ -704,7 +706,8 @@ def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, v
                            st["best_val"], trainable)
     metrics = {
         "train_loss": round(st["train_loss"], 5), "val_loss": round(val_loss, 5),
-        "best_val_loss": round(st["best_val"], 5), "base_val_loss": round(base_val, 5) if base_val is not None else None,
+        "best_val_loss": round(st["best_val"], 5),
+        "base_val_loss": round(base_val, 5) if base_val is not None else None,
         "steps": len(st["curve"]), "seconds": round(time.time() - t0, 2), "lr": lr, "warmup_ratio": warmup,
         "trainable_parameters": trainable, "total_parameters": sum(p.numel() for p in model.parameters()),
         "tokens_per_second": round(st["tokens_seen"] / max(st["train_seconds"], 1e-9), 1),

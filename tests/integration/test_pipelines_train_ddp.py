@@ -101,6 +101,7 @@ def test_two_processes_give_one_process_loss_curve_and_adapter(one_process, init
 def test_a_killed_two_process_run_resumes_and_ends_like_an_uninterrupted_run(one_process, init_entry, tiny_data,
                                                                               tmp_path):
     import psutil
+
     from pipelines import train
 
     entry, out = init_entry("lora"), tmp_path / "killed"
@@ -126,7 +127,7 @@ def test_a_killed_two_process_run_resumes_and_ends_like_an_uninterrupted_run(one
     assert not alive, f"ranks outlived their killed launcher: {alive}"
     assert len(family) >= 3, family
     assert not out.exists(), "a killed run must not leave an output directory"
-    step = int(sorted(ckpt.glob("step-*"))[-1].name.split("-")[1])
+    step = int(max(ckpt.glob("step-*")).name.split("-")[1])
     assert 0 < step < 12
 
     logs: list[str] = []
@@ -145,7 +146,8 @@ def test_fsdp_shards_the_frozen_base_and_gives_one_process_results(one_process, 
 
     logs: list[str] = []
     out = train.run(train.TrainConfig(**_cfg(nproc=2, strategy="fsdp")), BASE, init_entry("lora"),
-                    tiny_data.train, tiny_data.val, tmp_path / "fsdp", log=lambda *a: logs.append(" ".join(map(str, a))))
+                    tiny_data.train, tiny_data.val, tmp_path / "fsdp",
+                    log=lambda *a: logs.append(" ".join(map(str, a))))
     _assert_same_run(out, one_process)
     m = _manifest(out)["metrics"]
     assert any("frozen weights of 4 decoder layers sharded over 2 processes" in x for x in logs), logs

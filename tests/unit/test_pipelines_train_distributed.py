@@ -60,7 +60,7 @@ def test_the_ranks_together_take_one_process_batches_and_keep_its_state(packing)
 def test_the_launcher_command_is_one_node_on_loopback_without_restarts(tmp_path):
     cmd = distributed.torchrun_command(4, tmp_path, ["-m", "pipelines.distributed", "spec.json"], join_timeout_s=60)
     line = " ".join(cmd)
-    assert "-m torch.distributed.run" in line and "--nproc-per-node 4" in line and "--nnodes 1" in line
+    assert "-m pipelines.distributed --torchrun" in line and "--nproc-per-node 4" in line and "--nnodes 1" in line
     assert "--max-restarts 0" in line and "--rdzv-endpoint 127.0.0.1:" in line and "join_timeout=60" in line
     assert cmd[-3:] == ["-m", "pipelines.distributed", "spec.json"]
     port = int(line.split("--rdzv-endpoint 127.0.0.1:")[1].split()[0])
