@@ -245,7 +245,8 @@ def launch(cfg, base_path: Path, init_entry: Path, train_data: Path, val_data: P
     if cfg.device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < cfg.nproc:
         raise ValueError(f"nproc {cfg.nproc} runs one process per GPU, but torch sees {torch.cuda.device_count()} "
                          f"GPU(s); lower nproc, or use device: cpu (gloo)")
-    work = Path(tempfile.mkdtemp(prefix="adapterops-dist-"))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.dist-", dir=Path(out).parent))  # removed on success
     spec = work / "spec.json"
     spec.write_text(json.dumps({"config": asdict(cfg), "base": str(base_path), "init_entry": str(init_entry),
                                 "train": str(train_data), "val": str(val_data), "out": str(out),

@@ -171,6 +171,48 @@ def test_a_failing_rank_gives_an_error_naming_it(init_entry, tiny_data, tmp_path
     assert not out.exists()
 
 
+def test_a_rank_killed_by_a_signal_is_named(init_entry, tiny_data, tmp_path):
+    """Rank 1 dies as the OOM killer would kill it (SIGKILL, nothing recorded): the error names rank 1 and the
+    signal, not rank 0 (which then fails in the gradient all-reduce)."""
+    import threading
+
+    import psutil
+
+    from pipelines import distributed, train
+
+    started, result = threading.Event(), {}
+
+    def log(*a):
+        if "fast path" in " ".join(map(str, a)):
+            started.set()
+
+    def target():
+        try:
+            train.run(train.TrainConfig(**_cfg(nproc=2, steps=400, checkpoint_every=0)), BASE, init_entry("lora"),
+                      tiny_data.train, tiny_data.val, tmp_path / "killed_rank", log=log)
+        except Exception as e:  # noqa: BLE001  (what the test looks at)
+            result["error"] = e
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    try:
+        assert started.wait(240), "rank 0 never reached training"
+        ranks = []
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if child.environ().get("RANK") == "1":
+                    ranks.append(child)
+            except psutil.Error:  # a process that ended since the listing
+                pass
+        assert len(ranks) == 1, ranks
+        ranks[0].kill()
+    finally:
+        thread.join(240)
+    error = result.get("error")
+    assert isinstance(error, distributed.DistributedTrainingFailed), error
+    assert error.rank == 1 and "rank 1 of 2 failed first" in str(error) and "SIGKILL" in str(error), str(error)
+
+
 @pytest.mark.skipif(_cuda_count() < 2, reason="needs >= 2 CUDA GPUs (nccl)")
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_gpus_over_nccl_give_one_gpu_results(strategy, init_entry, tiny_data, tmp_path):
