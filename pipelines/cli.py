@@ -493,6 +493,8 @@ def cmd_schedules(args) -> int:
             url = stack.enter_context(schedules.local_server(os.environ["PREFECT_HOME"]))
             os.environ["PREFECT_API_URL"] = url
             stack.callback(os.environ.pop, "PREFECT_API_URL", None)
+        else:  # before the slow imports of Prefect and the flows: a dead server is one line within seconds
+            schedules.check_server(os.environ["PREFECT_API_URL"])
         print(f"Prefect API: {os.environ['PREFECT_API_URL']}", flush=True)
         built = schedules.build_deployments(env, schedule)
         print(schedules.describe(built, schedule), flush=True)

@@ -117,3 +117,20 @@ def test_train_nproc_reaches_the_train_config(tmp_path, capsys, clean_env):
                      str(tmp_path / "store"), "--nproc", "2", "--grad-accum", "3"]) == 2
     err = capsys.readouterr().err
     assert "grad_accum (3) must be a multiple of nproc (2)" in err and not (tmp_path / "store").exists()
+
+
+def test_schedules_serve_against_a_dead_prefect_server_is_one_line(tmp_path, monkeypatch, capsys, clean_env):
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    start = time.monotonic()
+    assert cli.main(["schedules", "serve", "--workdir", str(tmp_path / "wd")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the Prefect server at http://127.0.0.1:{port}/api is not answering") and \
+        err.count("\n") == 1 and "PREFECT_API_URL" in err
+    assert time.monotonic() - start < 15
