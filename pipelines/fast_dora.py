@@ -156,6 +156,7 @@ def enable(model) -> int:
     from peft.tuners.lora.variants import DoraLinearVariant
 
     fast, swapped = variant_class(), 0
+    _functions()  # the autograd Functions exist before any compiled forward (building a class breaks the graph)
     for module in model.modules():
         variants = getattr(module, "lora_variant", None)
         if not variants or not hasattr(module, "lora_magnitude_vector"):

@@ -80,3 +80,26 @@ def test_dropout_falls_back_to_peft_and_merge_is_peft_s():
     before = fast(x)
     merged = fast.merge_and_unload()
     torch.testing.assert_close(merged(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_the_fast_variant_compiles_without_graph_breaks(monkeypatch):
+    """torch.compile (aot_eager: no C compiler needed) traces the variant in one graph, with PEFT's gradients."""
+    import torch._dynamo as dynamo
+
+    from pipelines import fast_dora
+
+    monkeypatch.setattr(fast_dora, "_FUNCTIONS", None)  # as in a fresh process: enable() must build them
+    peft_model, fast = _models()
+    fast_dora.enable(fast)
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    x = torch.randn(5, 3, 16)
+    _, want = _loss_and_grads(peft_model, x)
+    fast.train()
+    fast.zero_grad()
+    torch.compile(fast, backend="aot_eager")(x).pow(2).mean().backward()
+    assert dict(dynamo.utils.counters["graph_break"]) == {}
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    for name, p in fast.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-6)
