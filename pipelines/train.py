@@ -144,8 +144,8 @@ class TrainConfig:
         if self.nproc > 1 and self.grad_accum % self.nproc:
             raise ValueError(f"grad_accum ({self.grad_accum}) must be a multiple of nproc ({self.nproc}): each process "
                              f"takes grad_accum / nproc of a step's micro-batches, so that the effective batch "
-                             f"(batch_size * grad_accum) is one process's; set grad_accum: {self.nproc} "
-                             f"(or a multiple)")
+                             f"(batch_size * grad_accum) is one process's; set grad_accum (--grad-accum) to "
+                             f"{self.nproc} or a multiple")
         if self.nproc > 1 and self.device.startswith("cuda:"):
             raise ValueError(f"device {self.device!r} names one GPU, but nproc {self.nproc} uses one GPU per process "
                              f"(cuda:0..{self.nproc - 1}); use device: cuda (or auto), and CUDA_VISIBLE_DEVICES "
