@@ -4,6 +4,7 @@ pipelines/schedules.py builds, with the settings of this process's environment.
 Run:  python -m infra.prefect_deployments show                      print the deployments; contacts no server
       python -m infra.prefect_deployments apply --pool adapterops [--pool-concurrency N]
                                                                     create/update the work pool, register them
+      python -m infra.prefect_deployments show --retrain-jitter 30  any ScheduleConfig field as a flag
       python -m infra.prefect_deployments serve                     run them from this process (no work pool)
       adapterops schedules serve --workdir work/demo                 the same `serve`, with a local Prefect server
 
@@ -46,27 +47,31 @@ from pipelines.schedules import (  # noqa: F401 - re-exported: the deployment AP
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.options import Options
+
     p = argparse.ArgumentParser(prog="python -m infra.prefect_deployments", description=__doc__.split("\n")[0])
     p.add_argument("action", choices=["show", "apply", "serve"])
     p.add_argument("--pool", default=DEFAULT_POOL, help="work pool for `apply` (default adapterops)")
-    p.add_argument("--pool-concurrency", type=int, default=None, metavar="N",
-                   help="`apply`: the work pool runs at most N flow runs at once, all families together (default "
-                        "$ADAPTEROPS_POOL_CONCURRENCY; unset: the pool's own setting, unlimited when created here)")
+    # every ScheduleConfig field is a flag too; a flag wins over its environment variable
+    opts = Options(ScheduleConfig, override=True, dest_prefix="schedule_",
+                   title="schedules (pipelines.schedules.ScheduleConfig; a flag wins over its ADAPTEROPS_* variable)",
+                   flags={"families": ("--family",), "retrain_config": ("--config",)},
+                   helps={"pool_concurrency": "`apply`: the work pool runs at most N flow runs at once, all families "
+                                              "together (default $ADAPTEROPS_POOL_CONCURRENCY; unset: the pool's own "
+                                              "setting, unlimited when `apply` creates it)"})
+    opts.add_to(p)
     args = p.parse_args(argv)
     if args.action == "serve" and not os.environ.get("PREFECT_API_URL"):
         # Prefect's temporary server would accept the deployments but never fire their schedules
         p.error("serve needs PREFECT_API_URL (a Prefect server with its scheduler running); without one, use "
                 "`adapterops schedules serve`, which starts a local server")
-    if args.pool_concurrency is not None and args.pool_concurrency < 1:
-        p.error(f"--pool-concurrency must be at least 1, got {args.pool_concurrency}")
     try:
-        schedule = ScheduleConfig.from_env(os.environ)
+        schedule = opts.build(args, base=ScheduleConfig.from_env(os.environ))
         deployments = build_deployments(os.environ, schedule)
         if args.action == "show":
             print(describe(deployments, schedule))
         elif args.action == "apply":
-            limit = args.pool_concurrency if args.pool_concurrency is not None else schedule.pool_concurrency
-            print("\n".join(apply_deployments(deployments, args.pool, limit)))
+            print("\n".join(apply_deployments(deployments, args.pool, schedule.pool_concurrency)))
         else:
             serve(deployments)
     except (ValueError, PrefectUnavailable) as e:

@@ -50,7 +50,11 @@ for var, value in (("ADAPTEROPS_RETRAIN_CRON", "every night"), ("ADAPTEROPS_MONI
     except ValueError as e:
         errors[var] = str(e)
 show = pd.describe(deployments, pd.ScheduleConfig.from_env(env))
-print(json.dumps({"deployments": out, "errors": errors, "show": show}))
+import contextlib, io
+flags = io.StringIO()
+with contextlib.redirect_stdout(flags):  # the entry point: flags win over the environment's settings
+    rc = pd.main(["show", "--family", "fam-z", "--retrain-jitter", "0", "--monitor-interval", "120"])
+print(json.dumps({"deployments": out, "errors": errors, "show": show, "show_flags": [rc, flags.getvalue()]}))
 """
 
 
@@ -106,3 +110,11 @@ def test_bad_schedule_settings_are_refused_with_the_variable_named(probe):
     assert "ADAPTEROPS_MONITOR_INTERVAL=0" in errors["ADAPTEROPS_MONITOR_INTERVAL"]
     assert "invalid family name 'bad/family'" in errors["ADAPTEROPS_FAMILY"]
     assert "ADAPTEROPS_RETRAIN_JITTER='soon' is not a whole number" in errors["ADAPTEROPS_RETRAIN_JITTER"]
+
+
+def test_the_entry_points_flags_are_the_schedule_configs_fields(probe):
+    rc, text = probe["show_flags"]
+    assert rc == 0, text
+    assert "retrain-on-drift/fam-z: pipelines.flows.retrain; schedules: cron 0 2 * * * UTC (jitter +0 min" in text
+    assert "monitor-check/fam-z: pipelines.flows.monitor_check; schedules: every 120s" in text
+    assert "fam-a" not in text
