@@ -101,6 +101,10 @@ def _init_cfg(args):
     if not (math.isfinite(args.init_alpha) and args.init_alpha > 0):
         raise CliError(f"--alpha is the LoRA scaling numerator and must be a positive number, got {args.init_alpha}")
     targets = args.init_target_modules
+    if targets == "":  # as before the options were generated: an empty --targets means every Llama linear
+        from pipelines.init_cache import DEFAULT_TARGETS
+
+        args.init_target_modules = targets = DEFAULT_TARGETS
     if isinstance(targets, str) and not all(t.strip() for t in targets.split(",")):
         raise CliError(f"--targets {targets!r} holds an empty module name; pass comma-separated names such as "
                        "q_proj,v_proj (or leave it out for every Llama linear)")

@@ -242,3 +242,12 @@ def test_the_cli_imports_neither_infra_nor_prefect():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'infra', 'torch', 'mlflow'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"  # --help stays instant: no Prefect, MLflow or torch to build the parser
+
+
+def test_an_empty_targets_flag_still_means_every_llama_linear():
+    from pipelines.init_cache import DEFAULT_TARGETS
+
+    args = cli.build_parser().parse_args(["init-cache", "warm", "--targets", ""])
+    assert cli._init_cfg(args).target_modules == DEFAULT_TARGETS
+    args = cli.build_parser().parse_args(["init-cache", "warm", "--targets", "q_proj, v_proj"])
+    assert cli._init_cfg(args).target_modules == ("q_proj", "v_proj")
