@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import random
 import tempfile
 import time
@@ -88,17 +89,35 @@ def _peak_gib(device: str):
     return round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.startswith("cuda") else None
 
 
-def ours(args, rows, pad_id, *, packing: bool, dora: str | None = None, fast: bool = False,
-         batch_size: int | None = None, profile: bool = False, liger_layers: str = "auto") -> dict:
-    """Our trainer's step loop (the functions pipelines.train.run uses) on a fresh model; dora: "fast" (ours, the
-    trainer's default) or "peft" (PEFT's own DoRA forward); fast: pipelines.fast_train's CUDA path as run() turns it
-    on (on the CPU, only its varlen attention, through the reference kernel); profile: a torch.profiler table of
-    two more steps."""
+def quantized_model(args, compute_dtype: str = "float32"):
+    """The bench model as the trainer loads a QLoRA / QPiSSA base (pipelines.lm.build_model): the same random
+    weights saved and loaded back nf4-quantized by pipelines.lm.quantize (bitsandbytes; compute dtype float32 as the
+    trainer asks, or `compute_dtype`), then peft's prepare_model_for_kbit_training."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+
+    from pipelines import lm
+
+    full = build_model(args.model, args.device, torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    with tempfile.TemporaryDirectory(prefix="bench-nf4-") as tmp:
+        full.save_pretrained(tmp)
+        del full
+        gc.collect()
+        model = lm.quantize(Path(tmp), "nf4", device=args.device, dtype=compute_dtype)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _setup(args, rows, pad_id, *, packing: bool, dora: str | None = None, fast: bool = False,
+           batch_size: int | None = None, liger_layers: str = "auto", nf4: str | None = None,
+           source_cls=None, compile: str = "auto"):
+    """(model, optimizer, batches, fast path) as pipelines.train.run builds them, on a fresh model."""
     import torch
     from pipelines import fast_dora, fast_train, train
 
-    dtype = torch.float32
-    model = lora(build_model(args.model, args.device, dtype), dora=dora is not None)
+    if nf4:
+        model = lora(quantized_model(args, nf4))
+    else:
+        model = lora(build_model(args.model, args.device, torch.float32), dora=dora is not None)
     if dora == "fast":
         fast_dora.enable(model)
     cfg = train.TrainConfig(batch_size=batch_size or args.batch_size, max_len=args.max_len, packing=packing,
@@ -107,40 +126,105 @@ def ours(args, rows, pad_id, *, packing: bool, dora: str | None = None, fast: bo
     model = train.prepare_precision(model, precision)
     fp = None
     if fast:
-        fp = fast_train.enable(model, device, precision=precision, liger_layers=liger_layers,
+        fp = fast_train.enable(model, device, precision=precision, liger_layers=liger_layers, compile=compile,
                                attention="auto" if device.startswith("cuda") else "varlen")
     model.train()
     opt = train.make_optimizer(model, 1e-4)
-    batches = train.BatchSource(rows, cfg, pad_id, device)
+    batches = (source_cls or train.BatchSource)(rows, cfg, pad_id, device)
     if fp is not None and fp.compiled:
         batches.width = cfg.max_len  # as pipelines.train.run does: one shape every step
-    _reset_peak(device)
+    return model, opt, batches, fp, cfg, device
+
+
+def _warm(step, warmup: int) -> int:
+    """Warm-up until a step compiles nothing new (at most 8 more steps): a graph compiled inside the timed steps
+    (seen: the varlen bound turning dynamic at its second value) would be counted as training time."""
     from torch._dynamo.utils import counters
 
-    breaks0, graphs0 = dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
-    real = padded = 0
-    # warm-up until a step compiles nothing new (at most 8 more steps): a graph compiled inside the timed steps
-    # (seen: the varlen bound turning dynamic at its second value) would be counted as training time
     extra = 0
     while True:
         graphs = counters["stats"]["unique_graphs"]
-        for _ in range(args.warmup if extra == 0 else 1):
-            train.train_step(model, opt, batches, 1)
+        for _ in range(warmup if extra == 0 else 1):
+            step()
         if counters["stats"]["unique_graphs"] == graphs or extra >= 8:
-            break
+            return extra
         extra += 1
+
+
+_ALLOC_KEYS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+
+
+def _timed_steps(step, n: int, device: str) -> dict:
+    """n steps: total seconds, per-step milliseconds (each step ends on the host's read of its loss), the caching
+    allocator's device mallocs/frees/retries and the time Python's garbage collector ran, over these steps."""
+    import torch
+
+    gpu = device.startswith("cuda")
+    gc_time = [0.0, 0]
+    t_gc = {}
+
+    def on_gc(phase, info):
+        if phase == "start":
+            t_gc["t"] = time.perf_counter()
+        elif "t" in t_gc:
+            gc_time[0] += time.perf_counter() - t_gc.pop("t")
+            gc_time[1] += 1
+
+    stats0 = torch.cuda.memory_stats() if gpu else {}
+    gc.callbacks.append(on_gc)
+    try:
+        _sync(device)
+        t0 = last = time.perf_counter()
+        per, outs = [], []
+        for _ in range(n):
+            outs.append(step())
+            now = time.perf_counter()
+            per.append(round((now - last) * 1e3, 1))
+            last = now
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    finally:
+        gc.callbacks.remove(on_gc)
+    stats1 = torch.cuda.memory_stats() if gpu else {}
+    alloc = {k: stats1.get(k, 0) - stats0.get(k, 0) for k in _ALLOC_KEYS if k in stats1}
+    return {"seconds": seconds, "step_ms": per, "outs": outs, "allocator": alloc,
+            "gc_ms": round(gc_time[0] * 1e3, 1), "gc_runs": gc_time[1]}
+
+
+def ours(args, rows, pad_id, *, packing: bool, dora: str | None = None, fast: bool = False,
+         batch_size: int | None = None, profile: bool = False, liger_layers: str = "auto",
+         nf4: str | None = None, compile: str = "auto", step: str = "trainer") -> dict:
+    """Our trainer's step loop (the functions pipelines.train.run uses) on a fresh model; dora: "fast" (ours, the
+    trainer's default) or "peft" (PEFT's own DoRA forward); fast: pipelines.fast_train's CUDA path as run() turns it
+    on (on the CPU, only its varlen attention, through the reference kernel); nf4: an nf4 base (QLoRA) with this
+    compute dtype ("float32": the trainer's); profile: a torch.profiler table of two more steps; step: "trainer"
+    (pipelines.train.train_step) or "deferred" (deferred_step: the change proposed for it)."""
+    from pipelines import train
+    from torch._dynamo.utils import counters
+
+    model, opt, batches, fp, cfg, device = _setup(args, rows, pad_id, packing=packing, dora=dora, fast=fast,
+                                                  batch_size=batch_size, liger_layers=liger_layers, nf4=nf4,
+                                                  compile=compile)
+    _reset_peak(device)
+    pending = []
+
+    def one():
+        if step == "trainer":
+            return train.train_step(model, opt, batches, 1)
+        r = deferred_step(model, opt, batches)
+        pending.append(r["loss"])
+        return {**r, "loss": float(pending.pop(0)) if len(pending) > 1 else None}
+
+    breaks0, graphs0 = dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
+    extra = _warm(one, args.warmup)
     graphs_timed = counters["stats"]["unique_graphs"]
-    for i in range(args.steps):
-        if i == 0:
-            _sync(device)
-            t0 = time.perf_counter()
-            real = padded = 0
-        out = train.train_step(model, opt, batches, 1)
-        real, padded = real + out["real_tokens"], padded + out["padded_tokens"]
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    result = {"seconds": seconds, "useful_tokens": real, "padded_tokens": padded, "peak_gib": _peak_gib(device),
-              "final_loss": out["loss"], "rows": cfg.batch_size, "steps": args.steps, "extra_warmup": extra}
+    t = _timed_steps(one, args.steps, device)
+    outs = t.pop("outs")
+    final = float(pending[-1]) if pending else outs[-1]["loss"]
+    result = {"seconds": t["seconds"], "useful_tokens": sum(o["real_tokens"] for o in outs),
+              "padded_tokens": sum(o["padded_tokens"] for o in outs), "peak_gib": _peak_gib(device),
+              "final_loss": final, "rows": cfg.batch_size, "steps": args.steps, "extra_warmup": extra,
+              **{k: v for k, v in t.items() if k != "seconds"}}
     if fp is not None:
         result["fast_path"] = fp.describe()
         breaks = {k: v - breaks0.get(k, 0) for k, v in counters["graph_break"].items() if v > breaks0.get(k, 0)}
@@ -149,9 +233,260 @@ def ours(args, rows, pad_id, *, packing: bool, dora: str | None = None, fast: bo
         result["graph_breaks"] = sum(breaks.values())
         result["graph_break_reasons"] = [k[:200] for k in sorted(breaks, key=breaks.get, reverse=True)[:3]]
     if profile:
-        result["profile"] = _profile(lambda: train.train_step(model, opt, batches, 1), device)
+        result["profile"] = _profile(one, device)
     del model, opt
     return result
+
+
+def deferred_step(model, opt, batches) -> dict:
+    """pipelines.train.train_step's GPU branch (fused AdamW, one micro-batch, one process) with no host wait: the
+    token counts stay host integers (train_step copies them into a device tensor from pageable memory, which waits
+    for the device's queue to drain, right after the backward) and "loss" is a 0-dim device tensor the caller reads
+    after the next step is queued. Measured here as the change proposed for pipelines/train.py (not ours to edit)."""
+    import torch
+    from pipelines import train
+
+    opt.zero_grad(set_to_none=True)
+    ids, labels, mask, pos, n_real, n_padded, meta = next(batches)
+    with train.autocast_for(model):
+        loss_sum, n = train.batch_loss(model, ids, labels, mask, pos, meta)
+    (loss_sum / max(n, 1)).backward()
+    total = loss_sum.detach().double()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    if opt.defaults.get("fused"):
+        opt.found_inf = (~torch.isfinite(total)).float()  # the step is skipped on the device, as train_step does
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf
+        batches.prefetch()
+    elif math.isfinite(float(total)):  # not fused (CPU): the host has to look
+        opt.step()
+    return {"loss": total / max(n, 1), "loss_tokens": n, "real_tokens": n_real, "padded_tokens": n_padded}
+
+
+def _traced_source():
+    """BatchSource whose batch fetch and prefetch are named ranges in a torch.profiler trace."""
+    from torch.profiler import record_function
+
+    from pipelines import train
+
+    class Traced(train.BatchSource):
+        def __next__(self):
+            with record_function("phase:next_batch"):
+                return super().__next__()
+
+        def prefetch(self):
+            with record_function("phase:prefetch"):
+                return super().prefetch()
+
+    return Traced
+
+
+class _Phases:
+    """Names the parts of a training step in a torch.profiler trace (instrumentation for the idle-time analysis
+    only): batch_loss (its decoder forward and head loss), backward, grad clipping and the optimizer step."""
+
+    def __init__(self, opt):
+        self.opt = opt
+
+    def __enter__(self):
+        import torch
+        from torch.profiler import record_function
+
+        from pipelines import fast_train, train
+
+        def named(name, fn):
+            def wrapper(*a, **k):
+                with record_function(name):
+                    return fn(*a, **k)
+            return wrapper
+
+        self.saved = [(train, "batch_loss", train.batch_loss), (fast_train, "fused_head_loss",
+                                                                fast_train.fused_head_loss),
+                      (torch.Tensor, "backward", torch.Tensor.backward),
+                      (torch.nn.utils, "clip_grad_norm_", torch.nn.utils.clip_grad_norm_)]
+        train.batch_loss = named("phase:forward", train.batch_loss)
+        fast_train.fused_head_loss = named("phase:head_loss", fast_train.fused_head_loss)
+        torch.Tensor.backward = named("phase:backward", torch.Tensor.backward)
+        torch.nn.utils.clip_grad_norm_ = named("phase:clip", torch.nn.utils.clip_grad_norm_)
+        self.opt.step = named("phase:opt_step", self.opt.step)
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, value in self.saved:
+            setattr(owner, name, value)
+        del self.opt.step
+
+
+def idle_summary(events: list[dict], step_name: str = "diag_step") -> dict:
+    """Where the device idles in a chrome trace (torch.profiler): the union of kernel/memcpy/memset intervals inside
+    the `step_name` ranges, the gaps between them, and what the host was doing during each gap: the named phases
+    (phase:*), the CUDA runtime calls (a cudaStreamSynchronize there is the host waiting, a cudaMalloc/cudaFree the
+    caching allocator going to the driver) and the host-side ops, each by the idle time it overlaps."""
+    import bisect
+
+    X = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    steps = sorted((e["ts"], e["ts"] + e["dur"]) for e in X if e.get("name") == step_name
+                   and e.get("cat") == "user_annotation")
+    if not steps:
+        return {"error": f"no {step_name} ranges in the trace"}
+    lo, hi = steps[0][0], steps[-1][1]
+    dev = sorted((e["ts"], e["ts"] + e["dur"]) for e in X if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    busy: list[list[float]] = []
+    for a, z in dev:
+        a, z = max(a, lo), min(z, hi)
+        if z <= a:
+            continue
+        if busy and a <= busy[-1][1]:
+            busy[-1][1] = max(busy[-1][1], z)
+        else:
+            busy.append([a, z])
+    gaps, at = [], lo
+    for a, z in busy:
+        if a > at:
+            gaps.append((at, a))
+        at = max(at, z)
+    if at < hi:
+        gaps.append((at, hi))
+    starts = [g[0] for g in gaps]
+
+    def overlap(a, z):
+        i = max(0, bisect.bisect_right(starts, a) - 1)
+        total = 0.0
+        while i < len(gaps) and gaps[i][0] < z:
+            total += max(0.0, min(z, gaps[i][1]) - max(a, gaps[i][0]))
+            i += 1
+        return total
+
+    by = {"phase": {}, "runtime": {}, "op": {}}
+    for e in X:
+        cat, name = e.get("cat"), e.get("name", "")
+        kind = ("phase" if cat == "user_annotation" and name.startswith("phase:") else
+                "runtime" if cat in ("cuda_runtime", "cuda_driver") else "op" if cat == "cpu_op" else None)
+        if kind is None:
+            continue
+        o = overlap(e["ts"], e["ts"] + e["dur"])
+        c = by[kind].setdefault(name, [0, 0.0, 0.0])
+        c[0] += 1
+        c[1] += o
+        c[2] += e["dur"]
+    idle = sum(z - a for a, z in gaps)
+    window = hi - lo
+    n = len(steps)
+
+    def top(d, k):
+        rows_ = sorted(d.items(), key=lambda kv: -kv[1][1])[:k]
+        return [{"name": name[:90], "calls_per_step": round(c[0] / n, 1), "idle_overlap_ms_per_step":
+                 round(c[1] / n / 1e3, 2), "host_ms_per_step": round(c[2] / n / 1e3, 2)} for name, c in rows_]
+
+    sizes = {"<10us": [0, 0.0], "10-100us": [0, 0.0], "0.1-1ms": [0, 0.0], ">1ms": [0, 0.0]}
+    for a, z in gaps:
+        d = z - a
+        key = "<10us" if d < 10 else "10-100us" if d < 100 else "0.1-1ms" if d < 1000 else ">1ms"
+        sizes[key][0] += 1
+        sizes[key][1] += d
+    phases = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in X if e.get("cat") == "user_annotation"
+                    and e.get("name", "").startswith("phase:"))
+    biggest = []
+    for a, z in sorted(gaps, key=lambda g: g[0] - g[1])[:12]:
+        step_i = max(0, bisect.bisect_right([s[0] for s in steps], a) - 1)
+        inside = [p[2] for p in phases if p[0] < z and p[1] > a]
+        biggest.append({"ms": round((z - a) / 1e3, 2), "at_ms_in_step": round((a - steps[step_i][0]) / 1e3, 1),
+                        "phases": inside[:4]})
+    return {"steps": n, "window_ms_per_step": round(window / n / 1e3, 1),
+            "busy_ms_per_step": round((window - idle) / n / 1e3, 1), "idle_ms_per_step": round(idle / n / 1e3, 1),
+            "idle_fraction": round(idle / window, 4),
+            "gaps_per_step": {k: {"count": round(v[0] / n, 1), "ms": round(v[1] / n / 1e3, 2)}
+                              for k, v in sizes.items()},
+            "idle_by_phase": top(by["phase"], 12), "idle_by_runtime_call": top(by["runtime"], 12),
+            "idle_by_host_op": top(by["op"], 15), "largest_gaps": biggest}
+
+
+def sync_sites(step, max_sites: int = 12) -> list[dict]:
+    """The host<->device synchronisations one step makes (torch.cuda.set_sync_debug_mode), by Python call site."""
+    import traceback
+    import warnings
+
+    import torch
+
+    sites: dict[str, int] = {}
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "called a synchronizing" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename]
+        here = " <- ".join(f"{Path(f.filename).name}:{f.lineno}({f.name})" for f in frames[-4:][::-1])
+        key = f"{str(message)[:60]} @ {here}"
+        sites[key] = sites.get(key, 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [{"site": k, "count": v} for k, v in sorted(sites.items(), key=lambda kv: -kv[1])[:max_sites]]
+
+
+def diagnose(args, rows, pad) -> dict:
+    """Where the idle device time of ours (fast path, one model) goes, and what removing each cause gives: the same
+    model and optimizer stepped as the trainer does with Liger's loss (two syncs per step), with our sync-free head
+    loss, and with that plus the loss read deferred by a step (deferred_step: a change proposed for
+    pipelines/train.py). For each: timed steps (tok/s, per-step ms, allocator and gc counts), the sync sites of one
+    step, and an idle analysis of a 3-step torch.profiler trace (idle_summary)."""
+    import json
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from pipelines import fast_train, train
+
+    b = args.ours_batches[0]
+    model, opt, batches, fp, cfg, device = _setup(args, rows, pad, packing=True, fast=True, batch_size=b,
+                                                  source_cls=_traced_source())
+    out = {"rows": b, "fast_path": fp.describe(), "variants": {}}
+    pending = []
+
+    def deferred():
+        r = deferred_step(model, opt, batches)
+        pending.append(r["loss"])
+        if len(pending) > 1:
+            float(pending.pop(0))  # the previous step's loss, read after this step is queued
+        return {**r, "loss": None}
+
+    variants = [("liger_loss", "liger", lambda: train.train_step(model, opt, batches, 1)),
+                ("nosync_loss", "nosync", lambda: train.train_step(model, opt, batches, 1)),
+                ("nosync_loss_deferred_read", "nosync", deferred)]
+    for name, head, step in variants:
+        if args.only and name not in args.only:
+            continue
+        fast_train.HEAD_LOSS = head
+        extra = _warm(step, args.warmup)
+        t = _timed_steps(step, args.steps, device)
+        outs = t.pop("outs")
+        useful = sum(o["real_tokens"] for o in outs)
+        v = {"useful_tok_s": round(useful / t["seconds"], 1), "extra_warmup": extra, **t}
+        v["sync_sites"] = sync_sites(step)
+        with tempfile.TemporaryDirectory() as tmp:
+            with _Phases(opt), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    with record_function("diag_step"):
+                        step()
+                _sync(device)
+            prof.export_chrome_trace(f"{tmp}/trace.json")
+            events = json.loads(Path(f"{tmp}/trace.json").read_text())["traceEvents"]
+        v["idle"] = idle_summary(events)
+        pending.clear()
+        out["variants"][name] = v
+        print(f"  diagnose {name}: {v['useful_tok_s']:.0f} useful tok/s, idle {v['idle'].get('idle_fraction')}, "
+              f"step ms {t['step_ms']}", flush=True)
+        if args.partial:
+            Path(args.partial).write_text(json.dumps(out, indent=1, default=str))
+    fast_train.HEAD_LOSS = "nosync"
+    return out
 
 
 def _profile(step, device: str, n: int = 2, top: int = 25) -> str:
@@ -394,6 +729,18 @@ def versus_liger(args, rows, tok, lengths) -> dict:
     if wanted("ours_fast_dora"):
         attempt(f"ours_fast_dora_r{best_rows}", lambda: ours(args, rows, pad, packing=True, fast=True, dora="fast",
                                                               batch_size=best_rows), ctx)
+    if wanted("ours_fast_deferred"):  # the trainer with the change proposed for pipelines/train.py
+        attempt(f"ours_fast_deferred_r{best_rows}",
+                lambda: ours(args, rows, pad, packing=True, fast=True, batch_size=best_rows, step="deferred"), ctx)
+    for compute in args.qlora_compute:  # QLoRA: nf4 base (bitsandbytes), same rows as the DoRA comparison
+        if wanted("ours_fast_qlora"):
+            name = f"ours_fast_qlora_{compute}_r{best_rows}"
+            attempt(name, lambda: ours(args, rows, pad, packing=True, fast=True, nf4=compute, batch_size=best_rows),
+                    ctx)
+            if "error" in cases[name]:  # e.g. torch.compile through bitsandbytes' layers: say how it runs without
+                attempt(f"ours_fast_nocompile_qlora_{compute}_r{best_rows}",
+                        lambda: ours(args, rows, pad, packing=True, fast=True, nf4=compute, batch_size=best_rows,
+                                     compile="off"), ctx)
     if wanted("ours_fast_liger_layers"):  # the previous fast path: Liger's kernels inside the compiled layers
         attempt(f"ours_fast_liger_layers_r{args.ours_batches[0]}",
                 lambda: ours(args, rows, pad, packing=True, fast=True, liger_layers="on",
@@ -422,6 +769,10 @@ def versus_liger(args, rows, tok, lengths) -> dict:
                             f"({best['rows']} full rows); target >= 1.0"))
     plain_name = f"ours_plain_r{args.ours_batches[0]}"
     same_rows = f"ours_fast_r{args.ours_batches[0]}"
+    if best and val(f"ours_fast_deferred_r{best_rows}"):
+        ratios.append(ratio("useful_tok_s_vs_liger_compile_deferred", val(f"ours_fast_deferred_r{best_rows}"),
+                            best["useful_tok_s"], f"ours with the change proposed for pipelines/train.py (no host "
+                            f"wait inside a step; bench deferred_step), {best_rows} rows, vs the same library stack"))
     if best and val(plain_name):
         ratios.append(ratio("useful_tok_s_vs_liger_compile_plain_path", val(plain_name), best["useful_tok_s"],
                             f"ours with the fast path off ({args.ours_batches[0]} rows)"))
@@ -446,10 +797,29 @@ def versus_liger(args, rows, tok, lengths) -> dict:
                          f"fast path both, {ok[dora_name]['rows']} rows; target >= 0.85"),
                    ratio("dora_memory_ratio", val(dora_name, "peak_gib"), val(ref, "peak_gib"),
                          "peak allocated, same rows; target <= 1.2")]
+    for k in [k for k in ok if k.startswith("ours_fast_qlora_")]:
+        compute, r = k[len("ours_fast_qlora_"):].rsplit("_r", 1)
+        ref = f"ours_fast_r{r}"
+        if val(ref):
+            suffix = "" if compute == "float32" else f"_{compute}"
+            ratios += [ratio(f"qlora_speed_vs_lora{suffix}", val(k), val(ref),
+                             f"nf4 base (bitsandbytes, compute dtype {compute}"
+                             f"{': the trainer' + chr(39) + 's' if compute == 'float32' else ''}) vs bf16 base, "
+                             f"LoRA r16, fast path both, {r} rows"),
+                       ratio(f"qlora_memory_ratio{suffix}", val(k, "peak_gib"), val(ref, "peak_gib"),
+                             "peak allocated, same rows")]
 
     def label_of(k):
         rows_part = k.rsplit("_r", 1)[-1]
         for prefix, text in (("ours_fast_dora", "ours, packed real rows, fast path, DoRA (pipelines.fast_dora)"),
+                             ("ours_fast_qlora_float32", "ours, packed real rows, fast path, QLoRA (nf4 base, "
+                                                         "compute dtype float32 as the trainer loads it)"),
+                             ("ours_fast_qlora_bfloat16", "ours, packed real rows, fast path, QLoRA (nf4 base, "
+                                                          "compute dtype bfloat16)"),
+                             ("ours_fast_nocompile_qlora", "ours, packed real rows, fast path without compile, "
+                                                           "QLoRA (nf4 base)"),
+                             ("ours_fast_deferred", "ours, packed real rows, fast path, proposed train_step change: "
+                                                    "no host wait in a step"),
                              ("ours_fast_liger_layers", "ours, packed real rows, previous fast path (Liger "
                                                         "kernels inside the compiled layers)"),
                              ("ours_fast", "ours, packed real rows, fast path"),
@@ -467,7 +837,7 @@ def versus_liger(args, rows, tok, lengths) -> dict:
         rows_out.append(row(name, [c["seconds"]], steps=c["steps"], rows=c["rows"],
                             useful_tok_s=round(c["useful_tok_s"], 1), padding=round(c["padding_fraction"], 4),
                             peak_gib=c["peak_gib"], mfu=round(c["mfu"], 4) if c.get("mfu") else None,
-                            loss=round(c["final_loss"], 4)))
+                            loss=round(c["final_loss"], 4), step_ms_median=_median(c.get("step_ms"))))
     notes = [f"{args.model} shape, random weights, LoRA r16 on all seven linear kinds, bf16; {args.warmup} warm-up + "
              f"{args.steps} timed steps per case; ours: {args.ours_batches} packed rows of {args.max_len} tokens from "
              f"{len(rows)} real examples (mean {mean_len:.0f} tokens); the library stack: synthetic full "
@@ -478,13 +848,66 @@ def versus_liger(args, rows, tok, lengths) -> dict:
              + (f" {peak:.0f} TFLOP/s." if peak else "."),
              *[f"{k}: {c['fast_path']}; graphs compiled {c.get('graphs_compiled')} (in the timed steps "
                f"{c.get('graphs_compiled_timed')}; extra warm-up steps {c.get('extra_warmup')}), graph breaks "
-               f"{c.get('graph_breaks')} {c.get('graph_break_reasons') or ''}" for k, c in cases.items()
-               if "fast_path" in c]]
+               f"{c.get('graph_breaks')} {c.get('graph_break_reasons') or ''}; timed steps: allocator "
+               f"{c.get('allocator')}, gc {c.get('gc_runs')} runs {c.get('gc_ms')} ms, step ms {c.get('step_ms')}"
+               for k, c in cases.items() if "fast_path" in c]]
     prof = next((c for k, c in ok.items() if c.get("profile")), None)
     if prof:
         notes.append(f"Profile of ours, fast path, {prof['rows']} rows (2 steps, by self device time):\n```\n"
                      + prof["profile"] + "\n```")
     return {"rows": rows_out, "ratios": ratios, "notes": notes}
+
+
+def _median(xs):
+    return median(xs) if xs else None
+
+
+def machine() -> dict:
+    """bench.common's machine info plus the GPU-path libraries' versions (None: not importable here)."""
+    from importlib import metadata
+
+    from bench.common import machine_info
+
+    info = machine_info()
+    for dist in ("liger-kernel", "bitsandbytes", "triton", "accelerate"):
+        try:
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            info[dist] = None
+    return info
+
+
+def diagnose_result(args, diag: dict) -> dict:
+    """The idle-time diagnosis as a results file: one row per variant, ratios between them, the idle tables."""
+    import json
+
+    v = diag["variants"]
+    rows_out = [row(f"{args.model} LoRA r16, ours fast path, {diag['rows']} packed rows: {name}",
+                    [c["seconds"]], steps=args.steps, useful_tok_s=c["useful_tok_s"],
+                    idle_fraction=c["idle"].get("idle_fraction"), idle_ms_per_step=c["idle"].get("idle_ms_per_step"),
+                    busy_ms_per_step=c["idle"].get("busy_ms_per_step"), step_ms_median=_median(c["step_ms"]),
+                    syncs_per_step=sum(x["count"] for x in c["sync_sites"]))
+                for name, c in v.items()]
+    ratios = []
+    if "liger_loss" in v:
+        for name in ("nosync_loss", "nosync_loss_deferred_read"):
+            if name in v:
+                ratios.append(ratio(f"{name}_vs_liger_loss", v[name]["useful_tok_s"], v["liger_loss"]["useful_tok_s"],
+                                    "same model and optimizer, consecutive timed steps"))
+    notes = [f"Variants: liger_loss = the trainer's step (pipelines.train.train_step) with Liger's fused linear "
+             f"cross-entropy; nosync_loss = the same with pipelines.fast_train's sync-free head loss (now the "
+             f"default); nosync_loss_deferred_read = the same step with no host wait in it: token counts kept on the "
+             f"host and each step's loss read only after the next step is queued (bench deferred_step; proposed "
+             f"for pipelines/train.py). {args.warmup} warm-up + "
+             f"{args.steps} timed steps each, then one step under torch.cuda.set_sync_debug_mode and a 3-step "
+             f"torch.profiler trace analysed for device idle time (bench.train_throughput.idle_summary)."]
+    for name, c in v.items():
+        notes.append(f"{name}: sync sites {json.dumps(c['sync_sites'])}; allocator {c['allocator']}; gc "
+                     f"{c['gc_runs']} runs {c['gc_ms']} ms; step ms {c['step_ms']}; idle:\n```\n"
+                     + json.dumps(c["idle"], indent=1) + "\n```")
+    return {"title": f"Training: where the device idles ({'GPU' if args.device.startswith('cuda') else 'CPU'}, "
+                     f"{args.model}, ours fast path)",
+            "description": diagnose.__doc__.replace("\n", " "), "rows": rows_out, "ratios": ratios, "notes": notes}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -497,13 +920,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--liger-batches", default=None, help="comma-separated full-row batches for the library stack "
                                                          "(its best is compared; default 16,32 on cuda)")
     p.add_argument("--only", default="", help="liger suite: comma-separated cases to run (ours_fast, ours_fast_dora, "
-                                              "ours_fast_liger_layers, ours_plain, liger_compile); default all")
+                                              "ours_fast_qlora, ours_fast_deferred, "
+                                              "ours_fast_liger_layers, ours_plain, liger_compile); "
+                                              "--diagnose: variants (liger_loss, nosync_loss, "
+                                              "nosync_loss_deferred_read); default all")
     p.add_argument("--ours-batches", default=None, help="liger suite: comma-separated packed-row counts for ours "
                                                         "fast path (its best is compared; default --batch-size)")
     p.add_argument("--partial", default=None, help="also write the cases as they finish to this JSON file")
     p.add_argument("--suffix", default="", help="liger suite: appended to the result's name (a second run of other "
                                                "cases beside the main one)")
     p.add_argument("--profile", action="store_true", help="liger suite: a torch.profiler table of ours, fast path")
+    p.add_argument("--diagnose", action="store_true", help="GPU: only the idle-time diagnosis of ours, fast path, "
+                                                           "at the first --ours-batches (see diagnose())")
+    p.add_argument("--qlora-compute", default="float32", help="liger suite: comma-separated nf4 compute dtypes of "
+                                                              "the QLoRA cases (float32: the trainer's; bfloat16)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--batch-size", type=int, default=None, help="rows per step (default 8 on cuda, 4 on cpu)")
     p.add_argument("--max-len", type=int, default=None, help="tokens per example / packed row (1024 cuda, 256 cpu)")
@@ -522,6 +952,10 @@ def main(argv: list[str] | None = None) -> dict:
     args.suite = args.suite or ("liger" if gpu else "trainer")
     args.liger_batches = [int(b) for b in (args.liger_batches or ("16,32" if gpu else "2")).split(",")]
     args.ours_batches = [int(b) for b in (args.ours_batches or str(args.batch_size)).split(",")]
+    args.qlora_compute = [c for c in args.qlora_compute.split(",") if c]
+    for c in args.qlora_compute:
+        if c not in ("float32", "bfloat16"):
+            raise SystemExit(f"--qlora-compute: {c!r} is not float32 or bfloat16")
 
     import torch
     from transformers import AutoTokenizer
@@ -533,13 +967,21 @@ def main(argv: list[str] | None = None) -> dict:
     lengths = sorted(len(r[0]) for r in rows)
     print(f"  {len(rows)} examples, tokens median {lengths[len(lengths) // 2]}, max {lengths[-1]}", flush=True)
 
+    if args.diagnose:
+        if not gpu:
+            raise SystemExit("--diagnose needs --device cuda (it profiles device idle time)")
+        result = diagnose_result(args, diagnose(args, rows, tok.pad_token_id))
+        result["command"] = " ".join(["python -m bench.run", NAME, *(argv or [])])
+        path = write_result(f"{NAME}_idle_cuda_{args.model}{args.suffix}", result, machine=machine())
+        print(f"  wrote {path}")
+        return result
     if args.suite == "liger":
         out = versus_liger(args, rows, tok, lengths)
         name = f"{NAME}_{'cuda' if gpu else 'cpu'}_{args.model}{args.suffix}"
         result = {"title": f"Training throughput vs PEFT + Liger + compile ({'GPU' if gpu else 'CPU'}, {args.model})",
                   "description": versus_liger.__doc__.replace("\n", " "),
                   "command": " ".join(["python -m bench.run", NAME, *(argv or [])]), **out}
-        path = write_result(name, result)
+        path = write_result(name, result, machine=machine())
         print(f"  wrote {path}")
         return result
     cases = {}

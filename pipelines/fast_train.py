@@ -7,7 +7,8 @@ or bitsandbytes.
 
 - Liger kernels (`liger-kernel`, pure Triton; the optional extra `gpu`): RoPE, RMSNorm and SwiGLU patched into the
   model instance, and the output layer + cross-entropy fused (`fused_loss`: the vocabulary-sized logits of the loss
-  positions are never materialised in full).
+  positions are never materialised in full; Liger's Triton cross-entropy kernel in our own chunk loop, which needs
+  no device-to-host sync, where Liger's own loss has two per step).
 - Attention over packed rows. transformers keeps packed examples apart by turning the restarting position ids into
   a block-diagonal mask: with sdpa that is a dense [rows, 1, S, S] boolean mask and a masked kernel (no flash
   attention). "varlen" instead flattens the rows and calls flash attention's variable-length form
@@ -88,6 +89,11 @@ def cu_seqlens(position_ids):
     import torch
 
     flat = position_ids.reshape(-1)
+    if flat.device.type == "cpu":  # the trainer's collation (a step's critical path): numpy's nonzero, ~50x faster
+        import numpy as np
+
+        starts = np.flatnonzero(flat.numpy() == 0)
+        return torch.from_numpy(np.append(starts, flat.numel()).astype(np.int32))
     starts = torch.nonzero(flat == 0).flatten()
     end = torch.tensor([flat.numel()], device=flat.device, dtype=starts.dtype)
     return torch.cat([starts, end]).to(torch.int32)
@@ -442,16 +448,86 @@ def state(model) -> FastPath | None:
     return getattr(model, "_adapterops_fast", None)
 
 
-def fused_head_loss(head, hidden, target):
-    """Sum of cross-entropy of head(hidden) against target, fused (Liger): chunks of logits, never all at once."""
+_HEAD_CE: dict = {}
+HEAD_LOSS = "nosync"
+"""fused_head_loss's implementation: "nosync" (ours, below) or "liger" (LigerFusedLinearCrossEntropyLoss: two
+host syncs per step); bench/train_throughput.py measures both."""
+HEAD_CHUNK_BYTES = 512 * 2**20
+"""Transient logits per chunk of the head loss (bf16 [rows, vocab]): 8192 rows of a 32k vocabulary."""
+
+
+def _head_ce_function():
+    """Output layer + cross-entropy (sum over the rows), chunked, with no device-to-host sync.
+
+    Liger's LigerFusedLinearCrossEntropyLoss reads the count of non-ignored targets with .item() in its forward and
+    tests grad_output with torch.equal in its backward: two waits per step for the device to drain (the CPU stops
+    queueing work while it waits). A sum needs neither count. Same math as Liger's (its own Triton cross-entropy
+    kernel per chunk of rows: loss and the logits' gradient in place, then grad_hidden = grad_logits @ W, all in the
+    forward); the backward only scales the stored gradient by grad_output on the device. Frozen head only (LoRA
+    never trains it): a trainable head gets Liger's Function."""
+    if _HEAD_CE:
+        return _HEAD_CE["fn"]
     import torch
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    import triton
+    from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
+
+    class HeadCrossEntropy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, bias, target):
+            n, v = hidden.shape[0], weight.shape[0]
+            loss = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+            grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+            if n:
+                chunk = max(1, min(n, HEAD_CHUNK_BYTES // (v * hidden.element_size())))
+                buf = torch.empty((chunk, v), dtype=hidden.dtype, device=hidden.device)
+                block = min(32768, triton.next_power_of_2(v))
+                with torch.autocast(hidden.device.type, enabled=False):
+                    for a in range(0, n, chunk):
+                        z = min(n, a + chunk)
+                        logits = buf[: z - a]
+                        torch.mm(hidden[a:z], weight.t(), out=logits)
+                        if bias is not None:
+                            logits.add_(bias)
+                        lo = loss[a:z]
+                        liger_cross_entropy_kernel[(z - a,)](
+                            X_ptr=logits, X_stride=logits.stride(-2), Y_ptr=target[a:z], Y_stride=1,
+                            weight_ptr=None, loss_ptr=lo, z_loss_ptr=None, loss_stride=lo.stride(-1),
+                            token_accuracy_ptr=None, token_accuracy_stride=0, predicted_tokens_ptr=None,
+                            predicted_tokens_stride=0, n_cols=v, n_non_ignore=1, sum_non_ignore_weight=1,
+                            weight_sum=0.0, ignore_index=-100, lse_square_scale=0.0, label_smoothing=0.0,
+                            reduction="sum", softcap=None, RETURN_Z_LOSS=False, RETURN_TOKEN_ACCURACY=False,
+                            RETURN_PREDICTED_TOKENS=False, BLOCK_SIZE=block, HAS_WEIGHT=False,
+                            HAS_SOFTCAPPING=False, HAS_GRADIENTS=grad is not None, num_warps=32)
+                        if grad is not None:
+                            torch.mm(logits, weight, out=grad[a:z])  # logits now hold d loss / d logits
+            ctx.save_for_backward(grad)
+            return loss.sum()
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            (grad,) = ctx.saved_tensors
+            return grad * grad_out.to(grad.dtype), None, None, None
+
+    _HEAD_CE["fn"] = HeadCrossEntropy
+    return HeadCrossEntropy
+
+
+def fused_head_loss(head, hidden, target):
+    """Sum of cross-entropy of head(hidden) against target (-100: ignored), fused: chunks of logits, never all at
+    once, and no device-to-host sync (see _head_ce_function); a trainable head goes through Liger's loss."""
+    import torch
 
     weight = head.weight
     bias = getattr(head, "bias", None)
     if hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
-    loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, target, bias)
+    if (HEAD_LOSS == "liger" or weight.requires_grad or (bias is not None and bias.requires_grad)
+            or not hidden.is_cuda):
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, target, bias)
+    else:
+        loss = _head_ce_function().apply(hidden.contiguous(), weight, bias, target.contiguous())
     return loss.float() if loss.dtype != torch.float32 else loss
 
 
