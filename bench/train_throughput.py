@@ -403,6 +403,24 @@ def idle_summary(events: list[dict], step_name: str = "diag_step") -> dict:
             "idle_by_host_op": top(by["op"], 15), "largest_gaps": biggest}
 
 
+def idle_text(idle: dict, k: int = 6) -> str:
+    """idle_summary as a few lines of text: totals, gap sizes, then the top k of each attribution."""
+    if "error" in idle:
+        return idle["error"]
+    lines = [f"per step: window {idle['window_ms_per_step']} ms, device busy {idle['busy_ms_per_step']} ms, idle "
+             f"{idle['idle_ms_per_step']} ms ({idle['idle_fraction']:.1%}); gaps "
+             + ", ".join(f"{key}: {g['count']} = {g['ms']} ms" for key, g in idle["gaps_per_step"].items())]
+    for title, key in (("idle overlapping named phases", "idle_by_phase"),
+                       ("idle overlapping CUDA runtime calls", "idle_by_runtime_call"),
+                       ("idle overlapping host ops (nested ops overlap)", "idle_by_host_op")):
+        lines.append(f"{title} (idle ms / host ms / calls, per step):")
+        lines += [f"  {x['idle_overlap_ms_per_step']:>7} / {x['host_ms_per_step']:>7} / {x['calls_per_step']:>7}  "
+                  f"{x['name']}" for x in idle[key][:k]]
+    lines.append("largest gaps (ms, at ms into the step, phases): " + "; ".join(
+        f"{g['ms']} @ {g['at_ms_in_step']} {'+'.join(p[6:] for p in g['phases'])}" for g in idle["largest_gaps"][:k]))
+    return "\n".join(lines)
+
+
 def sync_sites(step, max_sites: int = 12) -> list[dict]:
     """The host<->device synchronisations one step makes (torch.cuda.set_sync_debug_mode), by Python call site."""
     import traceback
@@ -904,7 +922,7 @@ def diagnose_result(args, diag: dict) -> dict:
     for name, c in v.items():
         notes.append(f"{name}: sync sites {json.dumps(c['sync_sites'])}; allocator {c['allocator']}; gc "
                      f"{c['gc_runs']} runs {c['gc_ms']} ms; step ms {c['step_ms']}; idle:\n```\n"
-                     + json.dumps(c["idle"], indent=1) + "\n```")
+                     + idle_text(c["idle"]) + "\n```")
     return {"title": f"Training: where the device idles ({'GPU' if args.device.startswith('cuda') else 'CPU'}, "
                      f"{args.model}, ours fast path)",
             "description": diagnose.__doc__.replace("\n", " "), "rows": rows_out, "ratios": ratios, "notes": notes}
