@@ -176,15 +176,17 @@ def main(argv: list[str] | None = None) -> None:
         "says nothing about how users' feedback relates to answer quality.",
         f"Where bad challengers are caught: at the first (10%) step a challenger has had ~"
         f"{round(STEPS[0] * args.requests_per_step)} requests, ~{round(STEPS[0] * args.requests_per_step * FEEDBACK_RATE)}"
-        f" of them rated, so only large effects are caught there (feedback 0.25 lower: "
-        f"{by['bad_feedback_large']['rolled_back_at_first_step']:.0%} of its rollbacks); moderate ones are caught at "
-        f"the 25% and 50% steps (share of rollbacks before the 100% step: feedback 0.15 lower "
-        f"{badf['rolled_back_before_full']:.0%}, errors 20% {bade['rolled_back_before_full']:.0%}). Catching them "
-        "at the first step takes more requests per step (or a larger first share): the traffic, not the test, is "
-        "the limit.",
+        f" of them rated. A check whose estimate is beyond its bound but not yet significant holds the step "
+        f"(hold_inconclusive_until={cfg.hold_inconclusive_until} challenger samples) instead of advancing, so bad "
+        f"challengers are more often caught at that share: feedback 0.15 lower "
+        f"{badf['rolled_back_at_first_step']:.0%}, errors 20% {bade['rolled_back_at_first_step']:.0%}, feedback 0.25 "
+        f"lower {by['bad_feedback_large']['rolled_back_at_first_step']:.0%} of their rollbacks (before the hold: "
+        f"11%, 7%, 55%); before the 100% step: {badf['rolled_back_before_full']:.0%} / "
+        f"{bade['rolled_back_before_full']:.0%}. The rest need the 25% and 50% steps' traffic.",
         f"Config: steps {list(STEPS)}, {args.requests_per_step} requests a step, min_samples {cfg.min_samples}, "
         f"alpha {cfg.alpha}, feedback_margin {cfg.feedback_margin}, max_error_rate_delta "
-        f"{cfg.max_error_rate_delta}, max_error_rate {cfg.max_error_rate}; {args.canaries} canaries per scenario, "
+        f"{cfg.max_error_rate_delta}, max_error_rate {cfg.max_error_rate}, hold_inconclusive_until "
+        f"{cfg.hold_inconclusive_until}; {args.canaries} canaries per scenario, "
         "Wilson 95% intervals.",
     ]
     write_result(NAME, {
