@@ -28,11 +28,14 @@ class Workspace:
     state_db_url: str = ""
     """Database shared by serving replicas and workers (canary state, prediction log); empty =
     ADAPTEROPS_STATE_DB_URL, else files under root (one replica)."""
+    artifact_root: str = ""
+    """Artifact location of new MLflow experiments with a database tracking URI (the profile's artifact_root, e.g.
+    s3://bucket/mlflow); empty: next to a SQLite database. A tracking server uses its own."""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod
     def create(cls, root: Path, base_path: Path, tracking_uri: str = "", init_store_uri: str = "",
-               s3_endpoint_url: str = "", state_db_url: str = "") -> "Workspace":
+               s3_endpoint_url: str = "", state_db_url: str = "", artifact_root: str = "") -> "Workspace":
         root = Path(root).resolve()
         base_path = Path(base_path).resolve()
         if not (base_path / "config.json").is_file():
@@ -41,7 +44,7 @@ class Workspace:
         root.mkdir(parents=True, exist_ok=True)
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
         return cls(root, base_path, uri, init_store_uri or str(root / "init-cache"), s3_endpoint_url,
-                   state_db_url or os.environ.get("ADAPTEROPS_STATE_DB_URL", ""))
+                   state_db_url or os.environ.get("ADAPTEROPS_STATE_DB_URL", ""), artifact_root)
 
     @classmethod
     def coerce(cls, value: "Workspace | dict") -> "Workspace":
@@ -51,11 +54,11 @@ class Workspace:
         if isinstance(value, dict):
             return cls.create(Path(value["root"]), Path(value["base_path"]), value.get("tracking_uri", ""),
                               value.get("init_store_uri", ""), value.get("s3_endpoint_url", ""),
-                              value.get("state_db_url", ""))
+                              value.get("state_db_url", ""), value.get("artifact_root", ""))
         raise TypeError(f"expected a Workspace or its dict, got {type(value).__name__}")
 
     def _shared(self, kind: str, make):
-        k = (kind, str(self.root), self.tracking_uri)
+        k = (kind, str(self.root), self.tracking_uri, self.artifact_root)
         if k not in _SHARED:
             _SHARED[k] = make()
         return _SHARED[k]
@@ -73,7 +76,7 @@ class Workspace:
     def registry(self):
         from registry.versions import AdapterRegistry
 
-        return self._shared("registry", lambda: AdapterRegistry(self.tracking_uri))
+        return self._shared("registry", lambda: AdapterRegistry(self.tracking_uri, artifact_root=self.artifact_root))
 
     def init_store(self):
         from registry.store import open_store

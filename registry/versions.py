@@ -250,7 +250,10 @@ class AdapterRegistry:
         lease_seconds: float = 60.0,
         lease_wait_seconds: float = 15.0,
         create: bool = True,
+        artifact_root: str = "",
     ):
+        """artifact_root: where a new experiment's artifacts go (`<artifact_root>/<experiment>`) when the tracking
+        URI is a database (SQLite, PostgreSQL); a tracking server (http) uses its own --artifacts-destination."""
         bound_mlflow_http()
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
@@ -273,6 +276,7 @@ class AdapterRegistry:
         self.lease_seconds = float(lease_seconds)
         self.lease_wait_seconds = max(0.0, float(lease_wait_seconds))
         self.create = create
+        self.artifact_root = artifact_root
         self._probe()
         from mlflow import MlflowClient
 
@@ -392,6 +396,8 @@ class AdapterRegistry:
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             scheme = urlparse(self.tracking_uri).scheme
+            if artifact_location is None and self.artifact_root and not scheme.startswith("http"):
+                artifact_location = f"{self.artifact_root.rstrip('/')}/{experiment}"
             if artifact_location is None and scheme == "sqlite":
                 db = Path(self.tracking_uri.removeprefix("sqlite:///"))
                 artifact_location = str(db.parent.resolve() / "mlartifacts" / experiment)
@@ -400,6 +406,11 @@ class AdapterRegistry:
             exp_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
         else:
             exp_id = exp.experiment_id
+            wanted = artifact_location or (f"{self.artifact_root.rstrip('/')}/{experiment}" if self.artifact_root
+                                           and not urlparse(self.tracking_uri).scheme.startswith("http") else None)
+            if wanted and exp.artifact_location.removeprefix("file://").rstrip("/") != wanted.rstrip("/"):
+                log.warning("experiment %s keeps the artifact location it was created with (%s), not %s: MLflow "
+                            "fixes it at creation", experiment, exp.artifact_location, wanted)
         return self.client.create_run(exp_id, run_name=run_name).info.run_id
 
     # -- reading ------------------------------------------------------------------------------------------------
