@@ -42,6 +42,7 @@ test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 	$(PY) -m pytest -q tests/integration $(PYTEST_ARGS)
 	$(PY) -m pytest -q tests/e2e $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests/prod $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)

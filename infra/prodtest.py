@@ -119,6 +119,8 @@ class Stack:
     config: Path | None = None
     """LifecycleConfig YAML the deployments read (ADAPTEROPS_RETRAIN_CONFIG); default configs/demo.yaml."""
     monitor_interval_s: int = 900
+    pool_concurrency: int = 4
+    """The work pool's limit on flow runs at once (`apply --pool-concurrency`), as in the compose file."""
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     services: dict[str, Service] = field(default_factory=dict)
     databases: dict[str, str] = field(default_factory=dict)
@@ -300,7 +302,8 @@ class Stack:
         env = self.worker_env()
         self.run("work-pool", [str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process",
                                "--overwrite"], env)
-        self.run("deployments", [sys.executable, "-m", "infra.prefect_deployments", "apply", "--pool", POOL], env)
+        self.run("deployments", [sys.executable, "-m", "infra.prefect_deployments", "apply", "--pool", POOL,
+                                 "--pool-concurrency", str(self.pool_concurrency)], env)
         out = []
         for i in range(n):
             svc = self._spawn(f"worker-{i + 1}", [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type",
@@ -310,7 +313,12 @@ class Stack:
 
     def start_serving(self, n: int = 2, extra: list[str] | None = None) -> list[Service]:
         """N `adapterops serve --profile production` replicas, each with its own work dir (a pod's emptyDir), all on
-        the one state database. Returns once each answers /healthz (readiness is the caller's: /readyz)."""
+        the one state database. Returns once each answers /healthz (readiness is the caller's: /readyz).
+
+        One after the other: two replicas starting at the same moment on a fresh state database can both try to
+        create the prediction-log table, and the loser exits 2 ("DuplicateTable: relation "predictions" already
+        exists": monitoring/sql_log.py SQLPredictionLog.__init__ catches only IntegrityError). In Kubernetes the
+        pod restarts once; here it would fail the run."""
         out = []
         for i in range(n):
             port = free_port()
@@ -321,7 +329,6 @@ class Stack:
             svc = self._spawn(name, cmd, self.client_env())
             svc.url = self.urls[name] = f"http://127.0.0.1:{port}"
             out.append(svc)
-        for svc in out:
             wait_http(svc, f"{svc.url}/healthz")
         return out
 
@@ -392,25 +399,12 @@ class Fleet:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m infra.prodtest", description=__doc__.split("\n")[0])
-    p.add_argument("action", choices=["up", "first-version"])
+    p.add_argument("action", choices=["up"])
     p.add_argument("--workdir", default="work/prod", help="root of every log, work dir and data dir")
     p.add_argument("--family", default="prod-support")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--replicas", type=int, default=2)
-    p.add_argument("--train", default=None, help="first-version: training JSONL")
-    p.add_argument("--val", default=None, help="first-version: validation JSONL")
-    for flag in ("--init-config", "--train-config", "--merge-config"):
-        p.add_argument(flag, default=None, help="first-version: InitConfig / TrainConfig / MergeConfig YAML")
-    p.add_argument("--reference-prompts", type=int, default=200)
-    p.add_argument("--max-tokens", type=int, default=16)
     args = p.parse_args(argv)
-    if args.action == "first-version":
-        if not (args.train and args.val):
-            p.error("first-version needs --train and --val")
-        out = first_version(args.family, Path(args.train), Path(args.val), args.init_config, args.train_config,
-                            args.merge_config, args.reference_prompts, args.max_tokens)
-        print(json.dumps(out, default=str))
-        return 0
     with Stack(Path(args.workdir), family=args.family) as stack:
         stack.start_all(args.workers)
         stack.start_serving(args.replicas)
@@ -423,25 +417,6 @@ def main(argv: list[str] | None = None) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     return 0
-
-
-def first_version(family: str, train: Path, val: Path, init_config: Path | None = None,
-                  train_config: Path | None = None, merge_config: Path | None = None, reference_prompts: int = 200,
-                  max_tokens: int = 16) -> dict:
-    """Build, gate, register and promote a family's first version with the production profile from the environment
-    (MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL, ADAPTEROPS_WORKDIR, ...) through pipelines.onboard.run, the code behind
-    `adapterops build`; for a CLI without the `build` command yet."""
-    from pipelines.onboard import BuildConfig, run
-    from pipelines.profile import load_profile
-    from pipelines.workspace import Workspace
-
-    prof = load_profile("production")
-    ws = Workspace.create(Path(os.environ["ADAPTEROPS_WORKDIR"]), BASE, tracking_uri=prof.tracking_uri,
-                          init_store_uri=prof.init_store_uri, s3_endpoint_url=prof.s3_endpoint_url,
-                          state_db_url=prof.state_db_url)
-    cfg = BuildConfig(family=family, train=train, val=val, init_config=init_config, train_config=train_config,
-                      merge_config=merge_config, reference_prompts=reference_prompts, max_tokens=max_tokens)
-    return run(cfg, ws)
 
 
 if __name__ == "__main__":

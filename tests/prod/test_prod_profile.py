@@ -6,15 +6,15 @@ to S3, a Prefect server on PostgreSQL with a process work pool, the deployments 
 two workers, and two `adapterops serve --profile production` replicas sharing ADAPTEROPS_STATE_DB_URL behind one
 client (round-robin). The story, one test per step, in order:
 
-  first version -> both replicas serve it -> shifted traffic on both -> the scheduled monitor (a worker) fires ->
+  both replicas up -> first version (`adapterops build`) -> both pick it up -> shifted traffic on both -> the scheduled monitor (a worker) fires ->
   the drift event starts the retrain (a worker) -> challenger v2 -> one canary, driven by one replica, routed by
   both -> promote / rollback through the registry reaches both replicas within seconds -> the state and MLflow
   databases go away: errors name the service, waits are bounded, serving keeps answering, everything recovers ->
   S3 is killed: errors name the artifact store, a registration leaves a FAILED run, serving keeps answering ->
   nothing half-done (no RUNNING MLflow run, no active rollout).
 
-Phase timings go to <tmp>/timings.json; with ADAPTEROPS_RECORD_BENCH=1 also to bench/results/prod_profile.json and
-BENCHMARKS.md. Skips when PostgreSQL does not answer on 127.0.0.1:5432.
+Phase timings go to <tmp>/timings.json and work/prod-test/last-run.json; with ADAPTEROPS_RECORD_BENCH=1 also to
+bench/results/prod_profile.json and BENCHMARKS.md. Skips when PostgreSQL does not answer on 127.0.0.1:5432.
 """
 
 from __future__ import annotations
@@ -138,33 +138,15 @@ def fleet(stack):
             "--merge-config", str(configs["merge"]), "--reference-prompts", str(REFERENCE_PROMPTS),
             "--max-tokens", str(MAX_TOKENS)]
     env = {**stack.client_env(), "ADAPTEROPS_WORKDIR": str(stack.workdir), "ADAPTEROPS_DATA_DIR": str(stack.data_dir)}
-    with stack.phase("first_version"):
-        if _cli_has_build(args):  # `adapterops build` (pipelines/onboard.py behind the CLI)
-            cmd = [str(Path(sys.executable).parent / "adapterops"), "build", *args, "--profile", "production",
-                   "--workdir", str(stack.workdir), "--base", str(BASE)]
-        else:  # the same pipelines.onboard.run, until the CLI has the command
-            cmd = [sys.executable, "-m", "infra.prodtest", "first-version", *args]
-        stack.run("first-version", cmd, env, timeout=900)
-    STATE.setdefault("notes", {})["first version built by"] = "adapterops build" if cmd[1] == "build" else \
-        "pipelines.onboard.run (python -m infra.prodtest first-version)"
-    with stack.phase("serving_ready"):
+    with stack.phase("serving_start"):  # before the family exists: the replicas must pick it up from the registry
         reps = stack.start_serving(2)
-        for svc in reps:
-            _wait(f"{svc.name} ready", lambda u=svc.url: httpx.get(f"{u}/readyz", timeout=5).status_code == 200,
-                  300, stack)
+    with stack.phase("first_version"):  # `adapterops build` as an operator runs it against the stack
+        stack.run("first-version", [str(Path(sys.executable).parent / "adapterops"), "build", *args, "--profile",
+                                    "production", "--workdir", str(stack.workdir), "--base", str(BASE)], env,
+                  timeout=900)
     f = Fleet([svc.url for svc in reps], FAMILY, MAX_TOKENS, BOUND_S)
     yield f
     f.close()
-
-
-def _cli_has_build(args: list[str]) -> bool:
-    from pipelines.cli import build_parser
-
-    try:
-        build_parser().parse_args(["build", *args, "--profile", "production"])
-    except SystemExit:
-        return False
-    return True
 
 
 def _registry(stack):
@@ -173,9 +155,13 @@ def _registry(stack):
     return AdapterRegistry(stack.urls["mlflow"])
 
 
-def test_first_version_is_served_by_both_replicas(stack, fleet):
+def test_both_replicas_pick_up_the_first_version_from_the_registry(stack, fleet):
     assert _registry(stack).alias(FAMILY, "champion") == "1"
-    assert fleet.versions() == ["1", "1"]
+    with stack.phase("replicas_serve_v1"):
+        _wait("both replicas serving the new family's champion v1", lambda: fleet.versions() == ["1", "1"],
+              FOLLOW_S * 2, stack, every=0.5)
+    for svc in (stack.services["serving-1"], stack.services["serving-2"]):
+        assert httpx.get(f"{svc.url}/readyz", timeout=10).status_code == 200
 
 
 def test_traffic_on_both_replicas_is_one_log_and_the_scheduled_monitor_fires(stack, fleet):
@@ -264,19 +250,28 @@ def test_one_canary_driven_by_one_replica_routes_both(stack, fleet):
     assert len(canary_moves) <= 1, canary_moves  # one outcome applied once
 
 
-def test_promote_and_rollback_through_the_registry_reach_both_replicas(stack, fleet):
-    reg = _registry(stack)
-    if reg.alias(FAMILY, "champion") != "2":  # the canary rolled v2 back: the operator promotes it by hand
-        out, _ = stack.cli("registry", "promote", FAMILY, "2", "--reason", "prodtest")
-        assert out.returncode == 0, out.stderr
-    with stack.phase("promote_reaches_both"):
-        _wait("both replicas on v2", lambda: fleet.versions() == ["2", "2"], FOLLOW_S, stack)
-    out, _ = stack.cli("registry", "rollback", FAMILY, "--reason", "prodtest rollback")
+def _move(stack, fleet, phase: str, argv: list[str], want: str) -> None:
+    """An alias move through `adapterops registry ...`; the phase is the command plus the time until both replicas
+    serve `want` (ServerState.registry_poll_s: 5 s)."""
+    t0 = time.monotonic()
+    out, took = stack.cli("registry", *argv)
     assert out.returncode == 0, out.stderr
-    with stack.phase("rollback_reaches_both"):
-        _wait("both replicas back on v1 after `adapterops registry rollback`",
-              lambda: fleet.versions() == ["1", "1"], FOLLOW_S, stack, every=0.5)
-    assert reg.alias(FAMILY, "champion") == "1"
+    _wait(f"both replicas on v{want} after `adapterops registry {' '.join(argv)}`",
+          lambda: fleet.versions() == [want, want], FOLLOW_S, stack, every=0.25)
+    stack.timings[phase] = round(time.monotonic() - t0, 2)
+    stack.timings[f"{phase}_cli"] = round(took, 2)
+
+
+def test_rollback_and_promote_through_the_registry_reach_both_replicas(stack, fleet):
+    reg = _registry(stack)
+    if reg.alias(FAMILY, "champion") == "2":  # the canary promoted v2: roll it back, then promote it again
+        _move(stack, fleet, "rollback_reaches_both", ["rollback", FAMILY, "--reason", "prodtest"], "1")
+        _move(stack, fleet, "promote_reaches_both", ["promote", FAMILY, "2", "--reason", "prodtest"], "2")
+    else:  # the canary rolled v2 back: promote it by hand, then roll back
+        _move(stack, fleet, "promote_reaches_both", ["promote", FAMILY, "2", "--reason", "prodtest"], "2")
+        _move(stack, fleet, "rollback_reaches_both", ["rollback", FAMILY, "--reason", "prodtest"], "1")
+    history = [(h.op, h.to_version) for h in reg.history(FAMILY)]
+    assert ("rollback", "1") in history and ("promote", "2") in history, history
 
 
 def test_databases_down_fail_fast_naming_the_service_and_recover(stack, fleet):
