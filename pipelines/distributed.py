@@ -4,7 +4,7 @@ Run:  adapterops train ... --nproc 2 [--strategy fsdp]        (TrainConfig.nproc
 
 pipelines.train.run with nproc > 1 calls launch(): PyTorch's own launcher (`python -m torch.distributed.run`) starts
 nproc workers on this host (c10d rendezvous on 127.0.0.1 at a free port, no restarts), each of which runs
-worker_main -> pipelines.train.run again, now inside the process group (current() says which rank it is). Backend
+pipelines.train_worker -> pipelines.train.run again, now inside the process group (current() says which rank it is). Backend
 gloo on the CPU, nccl on CUDA (rank r on cuda:r).
 
 What each strategy does (pipelines.train calls the pieces below):
@@ -27,7 +27,8 @@ What each strategy does (pipelines.train calls the pieces below):
   (they are world-size independent: a run may resume with another nproc).
 
 A failing rank ends the run (torchrun stops the others); launch() raises DistributedTrainingFailed naming the first
-rank that failed, its error and the tail of its log, or HealthCheckFailed with the report when that was the cause.
+rank that failed, its error and the tail of its log, or RankHealthCheckFailed with the report when that was
+the cause (pipelines.train.run raises it as HealthCheckFailed).
 """
 
 from __future__ import annotations
@@ -57,6 +58,15 @@ class DistributedTrainingFailed(RuntimeError):
     def __init__(self, message: str, rank: int | None = None):
         super().__init__(message)
         self.rank = rank
+
+
+class RankHealthCheckFailed(DistributedTrainingFailed):
+    """A rank's run ended in the trainer's health check; `report` is its report (pipelines.train.run raises it as
+    HealthCheckFailed: this module does not import the trainer, which imports it)."""
+
+    def __init__(self, report: dict, rank: int | None = None):
+        super().__init__(f"training health check failed on rank {rank}", rank)
+        self.report = report
 
 
 @dataclass(frozen=True)
@@ -255,7 +265,7 @@ def launch(cfg, base_path: Path, init_entry: Path, train_data: Path, val_data: P
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
                                                                                            str(threads)),
            "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    cmd = torchrun_command(cfg.nproc, work / "logs", ["-m", "pipelines.distributed", str(spec)],
+    cmd = torchrun_command(cfg.nproc, work / "logs", ["-m", "pipelines.train_worker", str(spec)],
                            join_timeout_s=cfg.dist_timeout_s)
     log(f"train: launching {cfg.nproc} processes ({cfg.strategy}) under torchrun; rank logs in {work / 'logs'}")
     tail: collections.deque[str] = collections.deque(maxlen=80)
@@ -291,26 +301,44 @@ def _rank_log_tail(work: Path, rank: int, n: int = 25) -> str:
     return "\n".join(f"  | {x}" for x in lines[-n:])
 
 
+def _summary_blocks(lines: list[str]) -> list[dict]:
+    """The per-rank blocks of torchrun's failure summary ("[0]:", "rank : 1 (local_rank: 1)", "exitcode : -9 (pid:
+    ..)", "traceback : Signal 9 (SIGKILL) received by PID .."), in order, each marked root (the "Root Cause" block)
+    or not (the "Failures:" list)."""
+    blocks, root, current = [], False, None
+    for line in lines:
+        text = line.strip()
+        if text.startswith("Root Cause"):
+            root, current = True, None
+        elif text.startswith("[") and text.endswith("]:"):
+            current = {"root": root, "rank": None, "exitcode": None, "parts": []}
+            blocks.append(current)
+        elif current is not None:
+            key, _, value = text.partition(":")
+            key, value = key.strip(), value.strip()
+            if key == "rank" and value.split()[:1] and value.split()[0].isdigit():
+                current["rank"] = int(value.split()[0])
+            elif key in ("exitcode", "traceback") and value:
+                current["parts"].append(f"{key} {value}")
+                if key == "exitcode" and value.split()[0].lstrip("-").isdigit():
+                    current["exitcode"] = int(value.split()[0])
+    return blocks
+
+
 def _root_cause(lines: list[str]) -> tuple[int | None, str]:
-    """(rank, cause) from the "Root Cause" block of torchrun's failure summary ("rank : 1 (local_rank: 1)",
-    "exitcode : -9 (pid: ..)", "traceback : Signal 9 (SIGKILL) received by PID .."); (None, why) without one."""
-    starts = [i for i, line in enumerate(lines) if "Root Cause" in line]
-    if not starts:
+    """(rank, cause) from torchrun's failure summary; (None, why) without one. A rank killed by a signal (other than
+    the SIGTERM torchrun sends the survivors) is the cause wherever the summary lists it: its peers then fail in a
+    collective, and torchrun may observe one of them first (same poll, same timestamp) and call that the root."""
+    blocks = _summary_blocks(lines)
+    if not any(b["root"] for b in blocks):
         return None, "no rank recorded an exception, and torchrun printed no root cause"
-    rank, parts = None, []
-    for line in lines[starts[-1]:]:
-        key, _, value = line.strip().partition(":")
-        key, value = key.strip(), value.strip()
-        if key == "rank" and value.split()[:1] and value.split()[0].isdigit():
-            rank = int(value.split()[0])
-        elif key in ("exitcode", "traceback") and value:
-            parts.append(f"{key} {value}")
-    return rank, "; ".join(parts) or "no rank recorded an exception (killed by a signal or crashed)"
+    killed = [b for b in blocks if b["exitcode"] is not None and b["exitcode"] < 0 and b["exitcode"] != -15]
+    chosen = killed[0] if killed else next(b for b in blocks if b["root"])
+    return chosen["rank"], ("; ".join(chosen["parts"]) or
+                            "no rank recorded an exception (killed by a signal or crashed)")
 
 
 def _raise_failure(work: Path, nproc: int, rc: int, launcher_tail: list[str]):
-    from pipelines.train import HealthCheckFailed
-
     failures = sorted((json.loads(p.read_text()) for p in (work / "failures").glob("rank-*.json")),
                       key=lambda f: f["time"])
     rank, cause = _root_cause(launcher_tail)
@@ -318,7 +346,7 @@ def _raise_failure(work: Path, nproc: int, rc: int, launcher_tail: list[str]):
     # (recording that): torchrun's root cause names the killed one. Otherwise the first recorded exception wins.
     if failures and "exitcode -" not in cause:
         if failures[0].get("health") is not None:
-            raise HealthCheckFailed(failures[0]["health"])
+            raise RankHealthCheckFailed(failures[0]["health"], failures[0].get("rank"))
         rank, cause = failures[0]["rank"], failures[0]["error"]
     where = f"rank {rank} of {nproc}" if rank is not None else f"a rank of {nproc}"
     body = _rank_log_tail(work, rank) if rank is not None else "\n".join(f"  | {x}" for x in launcher_tail[-25:])
@@ -326,45 +354,6 @@ def _raise_failure(work: Path, nproc: int, rc: int, launcher_tail: list[str]):
         f"distributed training failed: {where} failed first ({cause}); torchrun exited {rc}. Its log ends:\n{body}\n"
         f"All ranks' logs: {work / 'logs'}. Fix that rank's error and re-run (checkpoints, if any, resume).",
         rank)
-
-
-def _config_from_dict(d: dict):
-    from pipelines.train import HealthConfig, TrainConfig
-
-    return TrainConfig(**{**d, "health": HealthConfig(**d["health"])})
-
-
-def worker_main(spec_path: str) -> None:
-    """One rank of launch(): train (pipelines.train.run joins the process group), record a failure for the
-    launcher."""
-    import torch.distributed as dist
-
-    die_with_parent()
-    spec = json.loads(Path(spec_path).read_text())
-    rank = int(os.environ["RANK"])
-    try:
-        cfg = _config_from_dict(spec["config"])
-        if rank == 0:
-            def log(*a):
-                print(LOG_MARK + " ".join(map(str, a)), flush=True)
-        else:
-            def log(*a):
-                print(f"rank {rank}:", *a, file=sys.stderr, flush=True)
-        from pipelines import train
-
-        train.run(cfg, Path(spec["base"]), Path(spec["init_entry"]), Path(spec["train"]), Path(spec["val"]),
-                  Path(spec["out"]), parent=Path(spec["parent"]) if spec["parent"] else None, log=log)
-    except BaseException as e:  # noqa: BLE001  (recorded for the launcher, then this rank exits)
-        failures = Path(spec["failures"])
-        failures.mkdir(parents=True, exist_ok=True)
-        record = {"rank": rank, "time": time.time(), "error": f"{type(e).__name__}: {e}".strip()[:2000],
-                  "traceback": traceback.format_exc(), "health": getattr(e, "report", None)}
-        (failures / f"rank-{rank}.json").write_text(json.dumps(record, default=str))
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)  # no process-group teardown: the peers may be dead, and torchrun stops the rest
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def torchrun_main(argv: list[str]) -> None:
@@ -376,7 +365,7 @@ def torchrun_main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--torchrun"]:
-        torchrun_main(sys.argv[2:])
-    else:
-        worker_main(sys.argv[1])
+    if sys.argv[1:2] != ["--torchrun"]:
+        sys.exit("usage: python -m pipelines.distributed --torchrun TORCHRUN-ARGS (the ranks run "
+                 "pipelines.train_worker)")
+    torchrun_main(sys.argv[2:])

@@ -122,6 +122,36 @@ def test_the_first_recorded_exception_is_named_with_its_log(tmp_path):
 def test_a_failed_health_check_on_the_ranks_is_raised_as_such(tmp_path):
     report = {"passed": False, "checks": [{"name": "delta_ratio", "value": 3.0, "threshold": 0.5, "passed": False}]}
     work = _work(tmp_path, [{"rank": 0, "error": "HealthCheckFailed: ...", "health": report}])
-    with pytest.raises(HealthCheckFailed) as err:
+    with pytest.raises(distributed.RankHealthCheckFailed) as err:
         distributed._raise_failure(work, 2, 1, [])
-    assert err.value.report == report
+    assert err.value.report == report and err.value.rank == 0
+    assert "delta_ratio" in str(HealthCheckFailed(err.value.report))  # what pipelines.train.run raises from it
+
+
+def test_a_killed_rank_listed_under_failures_is_named_though_torchrun_calls_a_peer_the_root(tmp_path):
+    """Under load torchrun can observe the peer's connection error in the same poll as the SIGKILL and call the
+    peer the root cause (seen on this box); the killed rank is still the one named."""
+    summary = """pipelines.train_worker FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-12-04_21:40:00
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 4242)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 4242
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-04_21:40:00
+  rank      : 0 (local_rank: 0)
+  exitcode  : 1 (pid: 4241)
+  error_file: /tmp/x/error.json
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+============================================================""".splitlines()
+    work = _work(tmp_path, [{"rank": 0, "error": "RuntimeError: Connection reset by peer", "health": None}],
+                 rank_log=(1, "rank 1: step 3\n"))
+    with pytest.raises(distributed.DistributedTrainingFailed) as err:
+        distributed._raise_failure(work, 2, 1, summary)
+    assert err.value.rank == 1 and "SIGKILL" in str(err.value)
+    assert distributed._root_cause(summary[:5] + summary[10:])[0] == 0  # no killed rank: torchrun's root cause
