@@ -53,6 +53,21 @@ def open_prediction_log(url_or_path: str | Path, max_queue: int = 10_000, **kw):
     return SQLPredictionLog(text, max_queue=max_queue, **kw)
 
 
+def create_tables(engine, md, attempts: int = 3) -> None:
+    """CREATE the tables of `md` that do not exist yet, safe when replicas start together on a fresh database:
+    between create_all's existence check and its CREATE another process may create a table (PostgreSQL answers
+    DuplicateTable, a ProgrammingError, or a unique violation in pg_type, an IntegrityError); the check is then run
+    again, which finds it. Other errors (the server down) propagate."""
+    for attempt in range(attempts):
+        try:
+            md.create_all(engine, checkfirst=True)
+            return
+        except (sa.exc.IntegrityError, sa.exc.ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
 def make_db_engine(url: str, connect_timeout_s: float = 5.0, statement_timeout_s: float = 30.0) -> sa.Engine:
     """A SQLAlchemy engine with bounded waits: connect, pool checkout and (PostgreSQL) statements and locks."""
     u = make_url(url)
@@ -121,9 +136,7 @@ class SQLPredictionLog:
         self._engine = make_db_engine(self.url, connect_timeout_s, statement_timeout_s)
         self._md, self._table = _metadata()
         try:
-            self._md.create_all(self._engine, checkfirst=True)
-        except sa.exc.IntegrityError:  # another replica created it between the check and the CREATE
-            pass
+            create_tables(self._engine, self._md)  # replicas starting together on a fresh database race here
         except sa.exc.SQLAlchemyError as e:
             self._engine.dispose()
             raise PredictionLogUnavailable(

@@ -116,7 +116,7 @@ class _StateDB:
 
     def __init__(self, url: str, connect_timeout_s: float = 5.0, statement_timeout_s: float = 30.0):
         import sqlalchemy as sa
-        from monitoring.sql_log import describe, make_db_engine
+        from monitoring.sql_log import create_tables, describe, make_db_engine
 
         self.url, self.name = url, describe(url)
         self._engine = make_db_engine(url, connect_timeout_s, statement_timeout_s)
@@ -131,10 +131,7 @@ class _StateDB:
             sa.Column("updated_by", sa.Text, nullable=False),
         )
         try:
-            md.create_all(self._engine, checkfirst=True)
-        except (sa.exc.IntegrityError, sa.exc.ProgrammingError):  # another worker created it between check and CREATE
-            if not sa.inspect(self._engine).has_table("monitor_state"):
-                raise
+            create_tables(self._engine, md)  # workers starting together on a fresh database race here
         except sa.exc.SQLAlchemyError as e:
             self._engine.dispose()
             raise self._unavailable("creating the monitor_state table", e) from None

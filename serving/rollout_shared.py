@@ -38,7 +38,7 @@ from typing import Callable
 
 import sqlalchemy as sa
 
-from monitoring.sql_log import describe, make_db_engine
+from monitoring.sql_log import create_tables, describe, make_db_engine
 from serving.rollout import (ACTIVE, CHALLENGER, CHAMPION, PROMOTED, RolloutConfig, RolloutController, RolloutError,
                              RolloutStateUnavailable, _empty_arms)
 
@@ -146,9 +146,7 @@ class SharedRolloutController(RolloutController):
         self._closed = False
         self._view: dict[str, tuple] = {}
         try:
-            self._md.create_all(self._db, checkfirst=True)
-        except sa.exc.IntegrityError:
-            pass  # another replica created them between the check and the CREATE
+            create_tables(self._db, self._md)  # replicas starting together on a fresh database race here
         except sa.exc.SQLAlchemyError as e:
             self._db.dispose()
             raise RolloutStateUnavailable(f"rollout state database {describe(self.url)} is unreachable: "

@@ -312,3 +312,39 @@ def test_a_replica_that_cannot_load_the_canarys_challenger_keeps_its_users_on_th
     finally:
         a.kill(release_lease=True)
         b.kill(release_lease=True)
+
+
+def test_replicas_starting_together_on_a_fresh_database_all_come_up():
+    """Two replicas (and a monitor worker) creating the shared tables at the same moment: one used to get
+    PostgreSQL's DuplicateTable between create_all's check and its CREATE and `adapterops serve` exited (seen in
+    make prod-test, ~1 in 10 double starts). monitoring.sql_log.create_tables re-checks instead."""
+    import threading
+
+    from pipelines.monitor_jobs import _StateDB
+
+    makers = {
+        "log": lambda url: SQLPredictionLog(url),
+        "rollout": lambda url: SharedRolloutController(url, CFG, lambda f, v: None, lambda f, v, r: None,
+                                                       poll_interval_s=None),
+        "monitor": lambda url: _StateDB(url),  # the monitor's table (a worker; not the per-process cache)
+    }
+    for kind, make in makers.items():
+        for _ in range(6):
+            with fresh_postgres_db("adapterops_race") as url:
+                barrier, made, errors = threading.Barrier(3), [], []
+
+                def start():
+                    barrier.wait()
+                    try:
+                        made.append(make(url))
+                    except Exception as e:  # noqa: BLE001  (what the test looks at)
+                        errors.append(f"{type(e).__name__}: {e}")
+
+                threads = [threading.Thread(target=start) for _ in range(3)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(60)
+                for obj in made:
+                    obj.close() if hasattr(obj, "close") else obj._engine.dispose()
+                assert errors == [] and len(made) == 3, (kind, errors)
