@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import BENCH_DIR, ratio, row, timed, write_result
+from common.atomic import write_text
 
 NAME = "drift_eval"
 SPEED_NAME = "drift_check_speed"
@@ -129,9 +130,7 @@ def request_stats_cached(workdir: Path, adapter_dir: Path, prompts: list[str], l
             cache[p] = [stats[s] for s in REQUEST_STATS]
             if i % 500 == 0 or i == len(todo):
                 log(f"request stats: {i}/{len(todo)} ({i / (time.perf_counter() - t0):.1f} prompts/s)")
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text(json.dumps(cache))
-                tmp.replace(path)
+                write_text(path, json.dumps(cache), durable=False)  # a cache: atomic, no fsync needed
     return cache
 
 

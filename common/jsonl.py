@@ -35,8 +35,13 @@ def iter_jsonl(path: str | os.PathLike, parse: Callable[[Any], T] | None = None)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"JSONL file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise JsonlError(path, lineno, f"is not UTF-8 text (byte {e.start} of the line); save the file as "
+                                 "UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -41,8 +41,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path

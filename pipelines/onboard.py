@@ -42,13 +42,13 @@ Rules:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.atomic import atomic_open, write_json
+from common.jsonl import JsonlError, iter_jsonl
 from pipelines import init_cache, merge_quantize, methods, reference, register, train
 from pipelines.config import ConfigError, from_dict, load_yaml
 from pipelines.data import DataError, category_counts, read_jsonl
@@ -138,29 +138,24 @@ def check_dataset(path: Path, what: str) -> int:
     if not path.is_file():
         raise DataError(f"{what} data {path} does not exist (or is not a file); pass a JSONL file of "
                         '{"prompt": ..., "response": ...} lines')
-    n = 0
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{i} is not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i} is not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{i} is a JSON {type(row).__name__}, not an object with 'prompt' and "
-                                "'response'")
-            for key in ("prompt", "response"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise DataError(f"{path}:{i} needs a non-empty string {key!r} (got {row.get(key)!r})")
-            for key in ("category", "intent"):
-                if key in row and not isinstance(row[key], str):
-                    raise DataError(f"{path}:{i}: {key!r} must be a string, got {row[key]!r}")
-            n += 1
+    def check(row):
+        if not isinstance(row, dict):
+            raise ValueError(f"is a JSON {type(row).__name__}, not an object with 'prompt' and 'response'")
+        for key in ("prompt", "response"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise ValueError(f"needs a non-empty string {key!r} (got {row.get(key)!r})")
+        for key in ("category", "intent"):
+            if key in row and not isinstance(row[key], str):
+                raise ValueError(f"{key!r} must be a string, got {row[key]!r}")
+        return row
+
+    try:
+        n = sum(1 for _ in iter_jsonl(path, check))
+    except JsonlError as e:
+        if e.json_error is not None:
+            raise DataError(f"{path}:{e.lineno} is not valid JSON ({e.json_error}); each line must be one JSON "
+                            "object") from None
+        raise DataError(f"{path}:{e.lineno} {e.detail}") from None
     if n == 0:
         raise DataError(f"{what} data {path} holds no examples; give it at least one "
                         '{"prompt": ..., "response": ...} line')

@@ -49,8 +49,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import threading
 import time
 import uuid
@@ -60,6 +58,8 @@ from typing import Callable
 
 import numpy as np
 from scipy import stats
+
+from common.atomic import write_json
 
 log = logging.getLogger(__name__)
 
@@ -732,19 +732,8 @@ class RolloutController:
 
 
 def write_json_atomic(path: Path, obj: dict, durable: bool = True) -> None:
-    """Write-to-temp then os.replace (fsynced if durable): a crash leaves the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, separators=(",", ":")))
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """common.atomic.write_json, compact: a crash leaves the old or the new file, never half (fsynced if durable)."""
+    write_json(path, obj, indent=None, durable=durable, separators=(",", ":"))
 
 
 __all__ = ["CHECK_REGISTRY", "Check", "RolloutConfig", "RolloutController", "RolloutError", "RolloutStateUnavailable",
