@@ -136,3 +136,32 @@ def load_dialogue(path: Path = DIALOGUE_JSONL, n: int | None = None, seed: int =
         raise DataError(f"{path}:{e.lineno} is not a {{'user', 'system'}} JSON object ({e.json_error or e.detail})"
                         ) from None
     return rows if n is None else sample(rows, n, seed)
+
+
+def version_data_dir(family_dir: Path, version: str) -> Path:
+    """Where the data a version was trained on is kept: <data>/<family>/versions/<version>/{train,val}.jsonl."""
+    return Path(family_dir) / "versions" / str(version)
+
+
+def record_version_data(family_dir: Path, version: str, train: Path, val: Path) -> Path:
+    """Keep a copy of what `version` was trained and validated on (atomic writes), so that whichever version the
+    canary promotes later, the next retrain replays the data of *that* champion, not of the one before it."""
+    import shutil
+
+    from common.atomic import atomic_open
+
+    dest = version_data_dir(family_dir, version)
+    for src, name in ((train, "train.jsonl"), (val, "val.jsonl")):
+        with atomic_open(dest / name, "wb") as out, open(src, "rb") as f:
+            shutil.copyfileobj(f, out)
+    return dest
+
+
+def champion_training_data(family_dir: Path, champion: str, fallback_train: Path,
+                           fallback_val: Path) -> tuple[Path, Path, str]:
+    """(train, val, where) of the champion's own training data: versions/<champion>/ when it was recorded there
+    (by `adapterops build` or a retrain), else the given files (<data>/<family>/champion/, kept by hand)."""
+    d = version_data_dir(family_dir, champion)
+    if (d / "train.jsonl").is_file() and (d / "val.jsonl").is_file():
+        return d / "train.jsonl", d / "val.jsonl", f"{d} (recorded with v{champion})"
+    return Path(fallback_train), Path(fallback_val), f"{Path(fallback_train).parent} (v{champion} recorded none)"

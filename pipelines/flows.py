@@ -19,7 +19,7 @@ from prefect.events import emit_event
 
 from pipelines import init_cache, merge_quantize, reference, register, replay, train
 from pipelines.config import from_dict
-from pipelines.data import read_jsonl, write_jsonl
+from pipelines.data import champion_training_data, read_jsonl, record_version_data, write_jsonl
 from pipelines.workspace import Workspace
 
 
@@ -104,8 +104,13 @@ def emit_drift_event(family: str, result: dict, version: str | None = None) -> N
 def retrain(ws: Workspace, family: str, name: str | None, init_cfg: dict, train_cfg: dict, merge_cfg: dict,
             new_train: Path, new_val: Path, old_train: Path, old_val: Path, replay_ratio: float = 0.2,
             replay_strategy: str = "category_balanced", reference_prompts: int = 200, max_tokens: int = 16,
-            seed: int = 0, skip_if_challenger_pending: bool = True) -> dict:
+            seed: int = 0, skip_if_challenger_pending: bool = True, data_dir: str | None = None) -> dict:
     """Incremental retraining: new data + a replay buffer of old data, warm-started from the champion.
+
+    data_dir (the <data> root of infra/README.md's layout): the old data is what the *current* champion was trained
+    on, <data>/<family>/versions/<champion>/, when that was recorded (by `adapterops build` or an earlier retrain;
+    old_* otherwise), and the new version's training data (the mix) and val data (the champion's + the new) are
+    recorded there in turn, so a challenger the canary promotes later is replayed by the retrain after it.
 
     The same gates run, plus a forgetting gate on the old categories; the result is registered and becomes the
     challenger (the canary decides whether it becomes champion). `ws` may be the plain dict a deployment run passes;
@@ -137,11 +142,18 @@ def retrain(ws: Workspace, family: str, name: str | None, init_cfg: dict, train_
         _log()(f"retrain {family}: {reason}")
         return {"family": family, "skipped": True, "reason": reason, "challenger": challenger,
                 "parent_version": champion}
+    family_dir = Path(data_dir) / family if data_dir else None
+    if family_dir is not None:
+        old_train, old_val, where = champion_training_data(family_dir, champion, old_train, old_val)
+        _log()(f"retrain {family}: replaying champion v{champion}'s data from {where}")
     parent_dir = ws.fetch_version(family, champion)
     data = build_retrain_dataset(ws, new_train, old_train, replay_ratio, replay_strategy, seed,
                                  ws.root / "data" / f"retrain-{name}.jsonl")
     summary = build_version(ws, family, name, init_cfg, train_cfg, merge_cfg, data, new_val, reference_prompts,
                             max_tokens, parent_dir=parent_dir, parent_version=champion, old_val_data=old_val)
+    if family_dir is not None:  # val: the champion's and the new window's, so the next old-categories gate sees both
+        val_all = write_jsonl(read_jsonl(old_val) + read_jsonl(new_val), ws.root / "data" / f"retrain-{name}-val.jsonl")
+        summary["version_data"] = str(record_version_data(family_dir, summary["version"], data, val_all))
     reg.set_challenger(family, summary["version"], actor="retrain-flow", reason=f"retrained after drift ({name})")
     return {**summary, "parent_version": champion, "replay_ratio": replay_ratio}
 

@@ -51,7 +51,7 @@ from common.atomic import atomic_open, write_json
 from common.jsonl import JsonlError, iter_jsonl
 from pipelines import init_cache, merge_quantize, methods, reference, register, train
 from pipelines.config import ConfigError, from_dict, load_yaml
-from pipelines.data import DataError, category_counts, read_jsonl
+from pipelines.data import DataError, category_counts, read_jsonl, record_version_data
 from pipelines.workspace import Workspace
 
 
@@ -207,17 +207,18 @@ def run(cfg: BuildConfig, ws: Workspace, log=print) -> dict:
     # another build may have registered the family meanwhile: check again right before registering
     refuse_existing(reg, cfg.family)
     info = register.run(reg, cfg.family, train_dir, merged, ref, None, log=log)
+    version_data = record_version_data(data_root(ws, cfg.data_dir) / cfg.family, info.version, cfg.train, cfg.val)
     summary = {"family": info.family, "version": info.version, "run_id": info.run_id, "init_key": init.key,
                "init_hit": init.hit, "run_dir": str(run_dir), "adapter_path": str(train_dir / "adapter"),
                "train_dir": str(train_dir), "gates_report": str(merged / "gates.md"), "gates_passed": True,
-               "method": cfg.init.method, "promoted": False, "champion_data": None,
+               "method": cfg.init.method, "promoted": False, "champion_data": None, "version_data": str(version_data),
                "data": {"train": n_train, "val": n_val, "categories": category_counts(read_jsonl(cfg.train))},
                "configs": {"init": asdict(cfg.init), "train": asdict(cfg.train_cfg), "merge": asdict(cfg.merge_cfg)}}
     write_json(run_dir / "build.json", summary, default=str)
     if not cfg.promote:
         log(f"build {cfg.family}: v{info.version} registered, not promoted (--no-promote); nothing serves it until "
-            f"`adapterops registry promote {cfg.family} {info.version}`, and retraining needs its data in "
-            f"{data_root(ws, cfg.data_dir) / cfg.family / 'champion'}/{{train,val}}.jsonl")
+            f"`adapterops registry promote {cfg.family} {info.version}`; its data is kept in {version_data}, "
+            "which a retrain replays once it is champion")
         return summary
 
     others = [v.version for v in reg.list_versions(cfg.family) if v.version != info.version]

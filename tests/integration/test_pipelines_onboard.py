@@ -97,7 +97,8 @@ def test_a_family_with_versions_is_refused_pointing_to_retrain(built, workspace,
     assert not (workspace.root / "runs" / "second").exists()
 
 
-def test_no_promote_registers_without_an_alias_and_copies_no_data(built, workspace, tiny_data, configs):
+def test_no_promote_registers_without_an_alias_and_leaves_the_champion_data_alone(built, workspace, tiny_data,
+                                                                                    configs):
     from pipelines.onboard import run
 
     lines: list[str] = []
@@ -107,7 +108,8 @@ def test_no_promote_registers_without_an_alias_and_copies_no_data(built, workspa
     reg = workspace.registry()
     assert out["version"] == "1" and out["promoted"] is False and reg.aliases("quiet") == {}
     assert reg.get("quiet", "1").gates_passed() and reg.history("quiet") == []
-    assert not (workspace.root / "data" / "quiet").exists()
+    assert not (workspace.root / "data" / "quiet" / "champion").exists()
+    assert (workspace.root / "data" / "quiet" / "versions" / "1" / "train.jsonl").is_file()  # replayed once champion
     assert any("not promoted" in x and "adapterops registry promote quiet 1" in x for x in lines), lines
 
 
@@ -180,10 +182,26 @@ def test_built_champion_plus_ingested_feedback_is_what_retrain_reads(prefect_har
     assert new == workspace.root / "data" / FAMILY / "new"
     assert len(read_jsonl(new / "train.jsonl")) + len(read_jsonl(new / "val.jsonl")) == 18
 
+    from pipelines.data import champion_training_data
+
+    data_dir = workspace.root / "data"
+    versions = data_dir / FAMILY / "versions"
+    assert read_jsonl(versions / "1" / "train.jsonl") == read_jsonl(champion / "train.jsonl")  # build recorded v1's
     v2 = retrain(workspace, FAMILY, "v2", built["configs"]["init"], TRAIN, MERGE, new / "train.jsonl",
                  new / "val.jsonl", champion / "train.jsonl", champion / "val.jsonl", reference_prompts=8,
-                 max_tokens=4)
+                 max_tokens=4, data_dir=str(data_dir))
     assert v2["version"] == "2" and v2["parent_version"] == "1" and v2["init_hit"] is True
     reg = workspace.registry()
     assert reg.alias(FAMILY, "challenger") == "2" and reg.alias(FAMILY, "champion") == "1"
     assert json.loads(reg.get(FAMILY, "2").tags["dataset_categories"]).get("traffic", 0) > 0
+    # v2's own data is recorded: once a canary promotes it, the next retrain replays what v2 was trained on (the
+    # new window + v1's replay sample), and its old-categories gate sees v1's and the new window's val data
+    assert v2["version_data"] == str(versions / "2")
+    v2_train = read_jsonl(versions / "2" / "train.jsonl")
+    assert {e.prompt for e in read_jsonl(new / "train.jsonl")} <= {e.prompt for e in v2_train}
+    assert len(read_jsonl(versions / "2" / "val.jsonl")) == (len(read_jsonl(champion / "val.jsonl"))
+                                                            + len(read_jsonl(new / "val.jsonl")))
+    reg.promote(FAMILY, "2", actor="test", reason="the canary promoted it")
+    train2, val2, where = champion_training_data(data_dir / FAMILY, reg.alias(FAMILY, "champion"),
+                                                 champion / "train.jsonl", champion / "val.jsonl")
+    assert (train2, val2) == (versions / "2" / "train.jsonl", versions / "2" / "val.jsonl") and "v2" in where
