@@ -199,7 +199,8 @@ def retrain_parameters(env: Mapping[str, str], family: str | None = None,
 
     The data paths name the files the ingestion job keeps current on the shared work volume, per family: the newest
     labelled window (<data>/<family>/new/) and the data the champion was trained on (<data>/<family>/champion/, the
-    replay buffer's source and the forgetting gate's old categories).
+    replay buffer's source and the forgetting gate's old categories); with `data_dir` the flow prefers the current
+    champion's own record (<data>/<family>/versions/<v>/, written by `adapterops build` and earlier retrains).
     """
     from dataclasses import asdict
 
@@ -207,7 +208,8 @@ def retrain_parameters(env: Mapping[str, str], family: str | None = None,
     cfg = _lifecycle(schedule)
     family = family or (schedule.families or [cfg.family])[0]
     workdir = env.get("ADAPTEROPS_WORKDIR", "/data/work")
-    data = Path(schedule.data_dir or f"{workdir}/data") / family
+    root = Path(schedule.data_dir or f"{workdir}/data")
+    data = root / family
     return {
         "ws": workspace_parameter(env),
         "family": family,
@@ -217,6 +219,8 @@ def retrain_parameters(env: Mapping[str, str], family: str | None = None,
         "old_train": str(data / "champion" / "train.jsonl"), "old_val": str(data / "champion" / "val.jsonl"),
         "replay_ratio": cfg.replay_ratio, "replay_strategy": cfg.replay_strategy,
         "reference_prompts": cfg.reference_prompts, "seed": cfg.seed,
+        # the <data> root: the retrain replays what the current champion was trained on (<data>/<family>/versions/)
+        "data_dir": str(root),
         # the demo's config says how long its responses are; a production LifecycleConfig leaves the flow's default
         **({"max_tokens": cfg.traffic.max_tokens} if hasattr(cfg, "traffic") else {}),
     }

@@ -95,6 +95,7 @@ def test_each_family_gets_a_monitor_a_perplexity_check_and_a_retrain_deployment(
         assert p["ws"] == ws and p["family"] == fam and p["name"] is None
         assert p["new_train"] == f"/data/work/data/{fam}/new/train.jsonl"
         assert p["old_val"] == f"/data/work/data/{fam}/champion/val.jsonl"
+        assert p["data_dir"] == "/data/work/data"  # the champion's own recorded data is replayed when there is one
         assert p["reference_prompts"] == 200 and p["max_tokens"] == 16  # from configs/demo.yaml, not flow defaults
         (trigger,) = retrain["triggers"]
         assert trigger["expect"] == ["adapterops.drift.alert"]

@@ -244,6 +244,7 @@ def test_the_monitor_schedule_fires_alerts_and_starts_the_retrain(served, setup)
         assert run.parameters["family"] == FAMILY and run.parameters["name"].startswith(f"drift-{FAMILY}-")
         assert run.parameters["new_train"] == str(setup["files"]["new_train"])
         assert run.parameters["train_cfg"]["steps"] == TRAIN["steps"]
+        assert run.parameters["data_dir"] == str(setup["root"] / "retrain-data")  # --data-dir, the <data> root
 
 
 def test_alerts_during_a_retrain_are_coalesced_and_other_families_are_not_blocked(served, setup):
@@ -299,3 +300,8 @@ def test_the_drift_triggered_retrain_registers_a_challenger(served, setup):
     assert reg.alias(FAMILY, "challenger") == "2" and reg.alias(FAMILY, "champion") == "1"
     tags = reg.get(FAMILY, "2").tags
     assert tags["parent_version"] == "1" and tags["gates_passed"] == "true"
+    # what v2 was trained on is recorded under the deployment's data root, for the retrain after its promotion
+    from pipelines.data import version_data_dir
+
+    recorded = version_data_dir(setup["root"] / "retrain-data" / FAMILY, "2")
+    assert (recorded / "train.jsonl").is_file() and (recorded / "val.jsonl").is_file()
