@@ -40,7 +40,8 @@ def _workspace(args, base=None):
     return Workspace.create(Path(args.workdir), Path(base or getattr(args, "base", DEFAULT_BASE)),
                             tracking_uri=profile.tracking_uri,
                             init_store_uri=getattr(args, "store", "") or profile.init_store_uri,
-                            s3_endpoint_url=profile.s3_endpoint_url, state_db_url=profile.state_db_url)
+                            s3_endpoint_url=profile.s3_endpoint_url, state_db_url=profile.state_db_url,
+                            artifact_root=profile.artifact_root)
 
 
 # -- demo --------------------------------------------------------------------------------------------------------
@@ -345,11 +346,17 @@ def cmd_serve(args) -> int:
         fallback_cfg = _load_yaml_config(FallbackConfig, args.fallback_config, "--fallback-config")
     if args.auto_canary is not None and args.auto_canary <= 0:
         raise CliError(f"--auto-canary is a polling interval in seconds and must be > 0, got {args.auto_canary}")
-    if not 1 <= args.port <= 65535:
+    if args.auto_canary_without_feedback and args.auto_canary is None:
+        raise CliError("--auto-canary-without-feedback only applies with --auto-canary SECONDS")
+    if args.port is not None and not 1 <= args.port <= 65535:
         raise CliError(f"--port must be in [1, 65535], got {args.port}")
+    from pipelines.profile import load_profile
+
+    host, port = load_profile(args.profile).serving_address(args.host, args.port)
     engine = _engine_spec(args)
-    serve(_workspace(args), args.host, args.port, os.environ.get("ADAPTEROPS_API_KEY"), fallback_cfg=fallback_cfg,
-          auto_canary_poll_s=args.auto_canary, engine=engine)
+    serve(_workspace(args), host, port, os.environ.get("ADAPTEROPS_API_KEY"), fallback_cfg=fallback_cfg,
+          auto_canary_poll_s=args.auto_canary, engine=engine,
+          auto_canary_without_feedback=args.auto_canary_without_feedback)
     return 0
 
 
@@ -818,8 +825,9 @@ def _add_registry_commands(sub) -> None:
 def _add_serving_commands(sub) -> None:
     s = _leaf(sub, "serve", "serve a demo work dir's champion over an OpenAI-compatible API", func=cmd_serve)
     s.add_argument("--workdir", default="work/demo")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default=None, help="address to bind; default: the profile's serving_host (local: "
+                   "127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="default: the profile's serving_port (8000)")
     s.add_argument("--base", default=str(DEFAULT_BASE))
     s.add_argument("--profile", default="local", help=PROFILE_HELP)
     s.add_argument("--fallback-config", default=None, help="FallbackConfig YAML (see configs/fallback.yaml): route "
@@ -827,6 +835,10 @@ def _add_serving_commands(sub) -> None:
     s.add_argument("--auto-canary", type=float, default=None, metavar="SECONDS",
                    help="poll the registry every SECONDS and start the canary of each new challenger (what a "
                         "scheduled retrain registers); default: off (rollouts start by `adapterops rollout start`)")
+    s.add_argument("--auto-canary-without-feedback", action="store_true",
+                   help="let an automatic canary promote on error rate and latency alone when users send no "
+                        "feedback (its promotion then says feedback was NOT checked); default: it waits for "
+                        "feedback on both arms")
 
     # rollout start's --steps/--requests-per-step/--gradual are serving.rollout.RolloutConfig fields sent to the
     # server, which holds the defaults; written here so that --help does not import scipy with serving.rollout

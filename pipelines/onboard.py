@@ -17,8 +17,9 @@ CLI contract (pipelines/cli.py wires it from BuildConfig; every flag is a field 
 
     exit 0: registered (and promoted, unless --no-promote); prints the summary (run's return value).
     exit 2 (a CLI error, one paragraph): BuildRefused (the family already has versions: use `adapterops retrain`),
-    a dataset that is missing or malformed (pipelines.data.DataError, naming the file and line), a config that does
-    not fit its dataclass (ConfigError), or GateFailed (nothing registered; the report's path is in the message).
+    a dataset that is missing or malformed (pipelines.data.DataError, naming the file and line), or a config that
+    does not fit its dataclass (ConfigError).
+    exit 1: GateFailed, as for `merge` (nothing registered; the report's path is in the message).
 
 Rules:
 - A family that already has a version is refused, pointing to `adapterops retrain`: a later version must be

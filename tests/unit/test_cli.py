@@ -258,3 +258,21 @@ def test_script_train_non_utf8_data_is_one_line_before_any_work(script_runs):
 def test_script_registry_typo_creates_no_database(script_runs):
     err = _assert_one_paragraph_error(script_runs["registry-typo"])
     assert "no registry at" in err and not (script_runs["cwd"] / "typo").exists()
+
+
+def test_serve_binds_where_the_profile_says_unless_told(monkeypatch, tmp_path):
+    """--host / --port default to the profile's serving_host / serving_port (they were read by nothing)."""
+    from pipelines import serve as serve_mod
+
+    (tmp_path / "mlflow.db").touch()
+    seen = {}
+    monkeypatch.setattr(serve_mod, "serve", lambda ws, host, port, *a, **kw: seen.update(host=host, port=port, **kw))
+    assert cli.main(["serve", "--workdir", str(tmp_path)]) == 0
+    assert (seen["host"], seen["port"], seen["auto_canary_without_feedback"]) == ("127.0.0.1", 8000, False)
+    profile = tmp_path / "p.yaml"
+    profile.write_text("serving_host: 127.0.0.2\nserving_port: 8123\n")
+    assert cli.main(["serve", "--workdir", str(tmp_path), "--profile", str(profile), "--auto-canary", "5",
+                     "--auto-canary-without-feedback"]) == 0
+    assert (seen["host"], seen["port"], seen["auto_canary_without_feedback"]) == ("127.0.0.2", 8123, True)
+    assert cli.main(["serve", "--workdir", str(tmp_path), "--profile", str(profile), "--port", "9001"]) == 0
+    assert (seen["host"], seen["port"]) == ("127.0.0.2", 9001)
