@@ -253,7 +253,8 @@ def monitor_check(ws: Workspace, family: str, drift: dict | None = None, max_win
         raise ValueError(f"max_window={max_window} is below drift.min_window={cfg.min_window}: no window could "
                          "ever be tested; raise max_window")
     reg = ws.registry()
-    version = reg.alias(family, "champion")
+    # a scheduled family that has no version yet (its first build has not run) is nothing to monitor, not an error
+    version = reg.alias(family, "champion") if family in reg.families() else None
     out = {"family": family, "version": version, "drift": False, "alert": False, "tests": []}
     if version is None:
         reason = f"{family} has no champion in {ws.tracking_uri}: nothing is served to monitor yet"

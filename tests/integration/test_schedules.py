@@ -108,6 +108,9 @@ def test_a_window_below_the_minimum_is_insufficient_data_and_no_alert(champion, 
     assert f"{FIRST_ROWS} requests" in out["reason"] and "min_window=20" in out["reason"]
     assert not (ws.root / "alerts.jsonl").exists()
     assert not (ws.root / "monitoring" / FAMILY / "drift_state.json").exists()  # the window stays open
+    # a scheduled family that has no version yet is nothing to monitor (it raised RegistryError every interval)
+    out = monitor_check(ws, "not-built-yet", DRIFT)
+    assert out["status"] == "insufficient_data" and "no champion" in out["reason"] and out["alert"] is False
 
 
 def test_the_reference_perplexity_flow_checks_the_champion(champion, setup):
