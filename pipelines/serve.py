@@ -5,9 +5,10 @@ Run:  adapterops serve --workdir work/demo --host 127.0.0.1 --port 8000   (ADAPT
 A canary that passes promotes the challenger through the registry (champion -> previous, challenger -> champion);
 one that fails clears the challenger alias, with the analysis as the reason in the audit trail. With a fallback
 config (configs/fallback.yaml, `enabled: true`), POST /admin/drift verdicts route a family with severe drift to its
-fallback until a new champion arrives. Rollout and fallback state live in the work dir (the rollout state and the
-prediction log in the profile's `state_db_url` when it names one: every replica sees one canary, one log), so a
-restarted server resumes both (load_champions loads every version they route to).
+fallback until a new champion arrives. Rollout and fallback state live in the work dir (the rollout state, the
+fallback state and the prediction log in the profile's `state_db_url` when it names one: every replica sees one
+canary, one log, one fallback per family), so a restarted server resumes both (load_champions loads every version
+they route to).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def build_state(ws: Workspace, rollout_cfg, api_key: str | None, fallback_cfg=No
     engine: a serving.engine.Engine, or an EngineSpec (default: the built-in engine on the CPU)."""
     from monitoring.sql_log import open_prediction_log
     from serving.control import ServerState
-    from serving.fallback import FallbackPolicy
+    from serving.fallback_shared import open_fallback_policy
     from serving.rollout_shared import open_rollout_controller
     from serving.router import Router
 
@@ -116,7 +117,8 @@ def build_state(ws: Workspace, rollout_cfg, api_key: str | None, fallback_cfg=No
     controller = open_rollout_controller(ws.rollout_state_target, rollout_cfg, on_promote, on_rollback)
     policy = None
     if fallback_cfg is not None and fallback_cfg.enabled:
-        policy = FallbackPolicy(fallback_cfg, ws.root / "fallback-state.json")
+        # shared by every replica in the state database when there is one, else a file in the work dir
+        policy = open_fallback_policy(fallback_cfg, ws.state_db_url or ws.root / "fallback-state.json")
     if engine is None or isinstance(engine, EngineSpec):
         engine = make_engine(engine or EngineSpec(), ws.base_path)
     return ServerState(engine=engine, router=Router(), rollout=controller,
@@ -174,6 +176,9 @@ def serve(ws: Workspace, host: str, port: int, api_key: str | None, rollout_cfg=
         uvicorn.run(create_app(state), host=host, port=port, log_level="warning")
     finally:
         close = getattr(state.rollout, "close", None)  # the shared controller gives its driver lease up
+        if close is not None:
+            close()
+        close = getattr(state.fallback, "close", None)  # the shared fallback policy stops its poller
         if close is not None:
             close()
         state.engine.close()

@@ -39,7 +39,7 @@ from serving.engine import (
     SamplingParams,
     StreamDelta,
 )
-from serving.fallback import FallbackPolicy
+from serving.fallback import FallbackPolicy, FallbackStateUnavailable
 from serving.metrics import ServingMetrics
 from serving.parity import GOLDEN_FILE, check_engine_parity, load_golden
 from serving.rollout import RolloutConfig, RolloutController, RolloutError, RolloutStateUnavailable
@@ -278,6 +278,8 @@ class ControlPlane:
                     self.sync_router(family)
         for family in state.router.families():
             self.restore_fallback(family)
+        if state.fallback is not None and hasattr(state.fallback, "subscribe"):
+            state.fallback.subscribe(self.sync_fallback)  # shared: another replica engaged or released one
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -303,6 +305,9 @@ class ControlPlane:
             close = getattr(self.state.rollout, "close", None)  # a shared controller hands its driver lease over
             if close is not None:
                 close()
+        close = getattr(self.state.fallback, "close", None)  # a shared fallback policy stops its poller
+        if close is not None:
+            close()
 
     @property
     def tokenizer(self):
@@ -451,7 +456,16 @@ class ControlPlane:
         """`champion` serves the family now: a new one releases a fallback engaged for the old one; the same one
         engages a severe drift's fallback that waited for a rollout to end (or failed before)."""
         st = self.state
-        undone = st.fallback.champion_changed(family, champion)
+        try:
+            undone = st.fallback.champion_changed(family, champion)
+        except FallbackStateUnavailable as e:
+            # the shared state cannot say so now: release here a fallback engaged for another champion (the next
+            # verdict or champion move stores the reset), keep the rest as last read
+            held = st.fallback.engagement(family)
+            if held is not None and held["champion"] != champion:
+                st.router.set_fallback(family, None)
+            log.error("family %s: champion %s not recorded in the fallback state: %s", family, champion, e)
+            return
         if undone is not None:
             st.router.set_fallback(family, None)
             log.warning("family %s has a new champion %s: fallback %s released", family, champion, undone["version"])
@@ -476,9 +490,18 @@ class ControlPlane:
         except Exception as exc:
             msg = f"cannot engage the fallback of {family}: {type(exc).__name__}: {exc}"
             log.error(msg)
-            policy.mark_failed(family, msg)
+            try:
+                policy.mark_failed(family, msg)
+            except FallbackStateUnavailable as e:
+                log.error("%s", e)
             return msg
-        policy.mark_engaged(family, version)
+        try:
+            policy.mark_engaged(family, version)
+        except FallbackStateUnavailable as e:
+            st.router.set_fallback(family, None)  # not engaged on the other replicas: not here either
+            msg = f"cannot engage the fallback of {family}: {e}"
+            log.error(msg)
+            return msg
         log.warning("family %s is on fallback %s: %s", family, version, policy.status(family)["reason"])
         return None
 
@@ -499,6 +522,32 @@ class ControlPlane:
             log.error("cannot restore the fallback %s of %s: %s", version, family, exc)
             st.fallback.mark_failed(family, f"restore after restart: {type(exc).__name__}: {exc}")
 
+    def sync_fallback(self, family: str, before: str | None, after: str | None) -> None:
+        """Another replica engaged (after: the version) or released (after None) the drift fallback of `family` in
+        the shared state: route by it here, for the champion it was engaged for (a replica that serves another
+        champion follows the registry first; its next champion change resets the engagement)."""
+        st = self.state
+        try:
+            route = st.router.get(family)
+        except UnknownFamily:
+            return
+        if after is None:
+            if before is not None and route.fallback == before:
+                st.router.set_fallback(family, None)
+                log.warning("family %s: drift fallback %s released (shared fallback state)", family, before)
+            return
+        held = st.fallback.engagement(family)
+        if held is None or held["champion"] != route.champion or route.fallback == after:
+            return
+        try:
+            self.ensure_version(family, after)
+            st.router.set_fallback(family, after)
+            log.warning("family %s is on fallback %s (engaged by another replica): %s", family, after,
+                        held.get("reason"))
+        except Exception as exc:
+            log.error("cannot route %s to the fallback %s another replica engaged: %s: %s", family, after,
+                      type(exc).__name__, exc)
+
     def set_fallback(self, family: str, fallback: str | None) -> dict:
         st = self.state
         if fallback not in (None, BASE) and fallback not in self.known_versions(family):
@@ -512,8 +561,12 @@ class ControlPlane:
             route = st.router.set_fallback(family, fallback).as_dict()
         except UnknownFamily:
             raise APIError(404, f"family {family!r} has no route", param="family") from None
-        if fallback is None and st.fallback is not None and st.fallback.release(family):
-            log.warning("operator cleared the drift fallback of %s", family)
+        try:
+            if fallback is None and st.fallback is not None and st.fallback.release(family):
+                log.warning("operator cleared the drift fallback of %s", family)
+        except FallbackStateUnavailable as e:
+            raise APIError(503, f"the fallback of {family} is cleared on this replica only: {e}",
+                           type="server_error", code="fallback_state_unavailable") from None
         return route
 
     def fallback_policy(self) -> FallbackPolicy:
@@ -532,8 +585,11 @@ class ControlPlane:
             raise APIError(404, f"family {family!r} has no route", param="family") from None
         self.follow_champion(family, champion)
         active = st.rollout is not None and st.rollout.is_active(family)
-        decision = policy.observe(family, champion, drift, severe=severe, details=details or {}, version=version,
-                                  defer=active)
+        try:
+            decision = policy.observe(family, champion, drift, severe=severe, details=details or {},
+                                      version=version, defer=active)
+        except FallbackStateUnavailable as e:
+            raise APIError(503, str(e), type="server_error", code="fallback_state_unavailable") from None
         error = self.engage_fallback(family) if decision["engage"] else None
         return {"decision": decision, "error": error, "route": st.router.get(family).as_dict(),
                 "drift": policy.status(family)}

@@ -16,8 +16,10 @@ Once engaged, only a new champion (a rollout promoted, or the registry's champio
 (POST /admin/router/fallback with fallback null) releases the fallback: the monitors then see the fallback's traffic,
 so a quiet window says nothing about the drifted champion. While a rollout of the family runs, engaging waits for its
 end (the canary decides first): a promotion releases the drift, a rollback or an abort engages the fallback. The
-state lives in one JSON file, so a restarted server puts the fallback back. Pure Python: serving/app.py carries the
-decisions out (router, registry, metrics).
+state lives in one JSON file, so a restarted server puts the fallback back; with several replicas it lives in the
+state database instead (serving/fallback_shared.py, `open_fallback_policy`): a verdict posted to any replica engages
+or releases the fallback on all of them. Pure Python: serving/control.py carries the decisions out (router,
+registry, metrics).
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ from pathlib import Path
 from serving.rollout import write_json_atomic
 
 TARGETS = ("base", "previous")
+
+
+class FallbackStateUnavailable(RuntimeError):
+    """The shared fallback state (serving/fallback_shared.py) cannot be reached: nothing was changed."""
 
 
 @dataclass
@@ -76,7 +82,10 @@ def _fresh(champion: str | None) -> dict:
 
 
 class FallbackPolicy:
-    """Per family: the drift streak, whether the drift is severe, and the fallback engaged for it (thread-safe)."""
+    """Per family: the drift streak, whether the drift is severe, and the fallback engaged for it (thread-safe).
+
+    Every change goes through `_change(family, fn)`, fn mutating the families dict it is given: here under a lock
+    and saved to the JSON file; serving/fallback_shared.py runs the same fn as a compare-and-set on a database row."""
 
     def __init__(self, config: FallbackConfig, state_path: Path | None = None):
         self.config = config
@@ -93,13 +102,14 @@ class FallbackPolicy:
         if (details or {}).get("status") == "insufficient_data":
             drift = None
         p = combined_p_value(details) if drift else None
-        with self._lock:
-            fam = self._families.setdefault(family, _fresh(champion))
+
+        def change(fams: dict) -> dict:
+            fam = fams.setdefault(family, _fresh(champion))
             if fam["champion"] != champion:
                 if fam["engaged"] is not None:
                     raise RuntimeError(f"{family}: the champion moved from {fam['champion']} to {champion} while a "
                                        f"fallback is engaged; call champion_changed() first")
-                self._families[family] = fam = _fresh(champion)
+                fams[family] = fam = _fresh(champion)
             out = {"family": family, "champion": champion, "counted": False, "engage": False, "deferred": False,
                    "combined_p": p}
             if version is not None and str(version) != champion:
@@ -119,8 +129,9 @@ class FallbackPolicy:
             if fam["severe"] and fam["engaged"] is None:
                 fam["pending"] = defer
                 out["deferred"], out["engage"] = defer, not defer
-            self._save()
             return {**out, **self._summary(fam)}
+
+        return self._change(family, change)
 
     def _severity(self, streak: int, p: float | None, severe: bool) -> str | None:
         cfg = self.config
@@ -139,48 +150,59 @@ class FallbackPolicy:
             return fam is not None and fam["severe"] and fam["engaged"] is None
 
     def mark_engaged(self, family: str, version: str) -> None:
-        with self._lock:
-            fam = self._families[family]
+        def change(fams: dict) -> None:
+            fam = fams[family]
             fam["engaged"] = {"version": version, "target": self.config.target, "champion": fam["champion"],
                               "reason": fam["reason"], "at": time.time()}
             fam["pending"], fam["error"] = False, None
-            self._save()
+
+        self._change(family, change)
 
     def mark_failed(self, family: str, error: str) -> None:
         """Engaging failed (e.g. no `previous` version): kept severe, retried on the next verdict."""
-        with self._lock:
-            self._families[family]["error"] = error
-            self._save()
+        def change(fams: dict) -> None:
+            fams[family]["error"] = error
+
+        self._change(family, change)
 
     def champion_changed(self, family: str, champion: str) -> dict | None:
         """The family's champion is `champion` now; a new one resets its drift state (the streak was about the old
         champion). Returns the engagement the caller must undo (route away from the fallback), or None."""
         with self._lock:
             fam = self._families.get(family)
-            if fam is None:
-                self._families[family] = _fresh(champion)
-                self._save()
+            if fam is not None and fam["champion"] == champion:
+                return None  # the common case (every verdict, every sync) reads, never writes
+
+        def change(fams: dict) -> dict | None:
+            fam = fams.get(family)
+            if fam is not None and fam["champion"] == champion:
                 return None
-            if fam["champion"] == champion:
-                return None
-            self._families[family] = _fresh(champion)
-            self._save()
-            return fam["engaged"]
+            fams[family] = _fresh(champion)
+            return fam["engaged"] if fam is not None else None
+
+        return self._change(family, change)
 
     def release(self, family: str) -> dict | None:
         """The operator cleared the fallback: forget the drift of the current champion; returns the old engagement."""
-        with self._lock:
-            fam = self._families.get(family)
+        def change(fams: dict) -> dict | None:
+            fam = fams.get(family)
             if fam is None:
                 return None
-            self._families[family] = _fresh(fam["champion"])
-            self._save()
+            fams[family] = _fresh(fam["champion"])
             return fam["engaged"]
+
+        return self._change(family, change)
 
     def engaged(self) -> dict[str, str]:
         """family -> fallback version, for every engaged fallback."""
         with self._lock:
             return {f: fam["engaged"]["version"] for f, fam in self._families.items() if fam["engaged"]}
+
+    def engagement(self, family: str) -> dict | None:
+        """The engagement of `family` (version, target, champion, reason, at), or None."""
+        with self._lock:
+            fam = self._families.get(family)
+            return json.loads(json.dumps(fam["engaged"])) if fam is not None and fam["engaged"] else None
 
     def status(self, family: str | None = None) -> dict:
         with self._lock:
@@ -188,12 +210,23 @@ class FallbackPolicy:
                 fam = self._families.get(family)
                 return self._summary(fam) if fam is not None else self._summary(_fresh(None))
             return {"config": {k: getattr(self.config, k) for k in self.config.__dataclass_fields__},
-                    "families": {f: self._summary(fam) for f, fam in self._families.items()}}
+                    "families": {f: self._summary(fam) for f, fam in self._families.items()},
+                    "state": self._state_info()}
+
+    def _state_info(self) -> dict:
+        return {"kind": "file", "path": str(self.state_path) if self.state_path is not None else None}
 
     @staticmethod
     def _summary(fam: dict) -> dict:
         return {k: json.loads(json.dumps(fam[k])) for k in ("champion", "streak", "severe", "reason", "pending",
                                                              "engaged", "error", "last")}
+
+    def _change(self, family: str, fn):
+        """Apply fn(families) (it mutates the dict, its result is returned) and persist the state."""
+        with self._lock:
+            out = fn(self._families)
+            self._save()
+            return out
 
     def _load(self) -> dict:
         if self.state_path is None or not self.state_path.exists():
