@@ -338,10 +338,39 @@ def test_serving_replicas_and_workers_share_one_state_and_registry(k8s_docs, com
             "no password in the state URL"
         pw = {name: env.get("PGPASSWORD") for name, env in clients}
         assert len(set(pw.values())) == 1 and None not in pw.values(), f"{label} PGPASSWORD: {pw}"
-        keys = {name: env.get("ADAPTEROPS_API_KEY") for name, env in clients if "worker" not in name}
-        assert None not in keys.values(), f"{label}: ADAPTEROPS_API_KEY (the /admin key) missing on {keys}"
-        # serving runs without --fallback-config: nothing for the monitor to send verdicts to
-        assert not any("ADAPTEROPS_SERVER_URL" in env for _, env in clients), label
+        keys = {name: env.get("ADAPTEROPS_API_KEY") for name, env in clients}
+        assert len(set(keys.values())) == 1 and None not in keys.values(), \
+            f"{label}: ADAPTEROPS_API_KEY (the /admin key; workers send verdicts with it) differs or is missing: {keys}"
+
+
+def test_workers_send_verdicts_to_serving_whose_fallback_is_on(k8s_docs, compose):
+    """Every serving process runs the fallback policy (a config file that exists and enables it) and the workers'
+    scheduled monitor posts its verdicts (ADAPTEROPS_SERVER_URL) to the serving Service / compose service."""
+    from pipelines.cli import build_parser
+    from pipelines.config import load
+    from serving.fallback import FallbackConfig
+
+    serve_lines = [line for _, line in _all_command_lines(k8s_docs, compose) if line[:2] == ["adapterops", "serve"]]
+    assert len(serve_lines) == 4
+    for line in serve_lines:
+        path = build_parser().parse_args(line[1:]).fallback_config
+        assert path and path.startswith("/app/"), line  # the image's source tree (infra/Dockerfile: WORKDIR /app)
+        assert load(FallbackConfig, REPO / path.removeprefix("/app/")).enabled, path
+    services = {d["metadata"]["name"]: d for _, d in k8s_docs if d["kind"] == "Service"}
+    workers = [(label, env) for label, env in _k8s_clients(k8s_docs) if "worker" in label]
+    workers += [("compose:" + n, env) for n, env in _compose_clients(compose) if "worker" in n]
+    assert len(workers) == 2, workers
+    for label, env in workers:
+        url = urlparse(env.get("ADAPTEROPS_SERVER_URL", ""))
+        if label.startswith("compose:"):
+            cmd = _compose_argv(compose["services"][url.hostname])
+            assert _runs(cmd, "adapterops", "serve") and url.port == 8000, (label, url)
+        else:
+            svc = services[url.hostname]
+            assert svc["spec"]["selector"]["app.kubernetes.io/component"] == "serving", label
+            assert url.port == svc["spec"]["ports"][0]["port"], label
+    flows = (REPO / "pipelines" / "flows.py").read_text()
+    assert 'os.environ.get("ADAPTEROPS_SERVER_URL"' in flows and 'os.environ.get("ADAPTEROPS_API_KEY")' in flows
 
 
 def test_compose_and_k8s_agree_on_settings_and_ports(k8s_docs, compose):
