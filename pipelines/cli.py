@@ -504,6 +504,9 @@ def cmd_schedules(args) -> int:
             url = stack.enter_context(schedules.local_server(os.environ["PREFECT_HOME"]))
             os.environ["PREFECT_API_URL"] = url
             stack.callback(os.environ.pop, "PREFECT_API_URL", None)
+            if not os.environ.get("PREFECT_UI_URL"):  # Prefect's "view your deployments" link, else port 4200's
+                os.environ["PREFECT_UI_URL"] = url.removesuffix("/api")
+                stack.callback(os.environ.pop, "PREFECT_UI_URL", None)
         else:  # before the slow imports of Prefect and the flows: a dead server is one line within seconds
             schedules.check_server(os.environ["PREFECT_API_URL"])
         print(f"Prefect API: {os.environ['PREFECT_API_URL']}", flush=True)

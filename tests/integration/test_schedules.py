@@ -209,6 +209,9 @@ def test_the_monitor_schedule_fires_alerts_and_starts_the_retrain(served, setup)
     from prefect.events.filters import EventFilter, EventNameFilter
 
     ws = setup["ws"]
+    # the UI link Prefect prints points at the server this command started, not at Prefect's default port 4200
+    ui = served["url"].removesuffix("/api")
+    _wait("Prefect's UI link", lambda: f"{ui}/deployments" in served["log"].read_text(), served, 60)
     with _client(served["url"]) as client:
         def alerted():
             path = ws.root / "alerts.jsonl"
