@@ -263,6 +263,7 @@ class ControlPlane:
         if state.log is not None:
             self.metrics.watch_log(state.log)
         self.metrics.watch_rollout(state.rollout)
+        self.metrics.watch_fallback(state.fallback)
         self.lock = threading.RLock()  # guards state.families and composite admin operations
         self.inflight: Counter = Counter()  # engine key -> requests routed to it, not yet answered
         self.drained = threading.Condition(self.lock)  # notified when a key's in-flight count drops to 0

@@ -43,6 +43,10 @@ class ServingMetrics:
             "adapterops_rollout_state_failures", "Canary samples and feedback the shared rollout state database "
             "(serving/rollout_shared.py) could not store; 0 with a file-backed rollout state")
         r.register(self.rollout_state_failures)
+        self.fallback_state_failures = _SumCounter(
+            "adapterops_fallback_state_failures", "Polls and changes of the shared drift-fallback state "
+            "(serving/fallback_shared.py) that could not reach its database; 0 with a file-backed state")
+        r.register(self.fallback_state_failures)
 
     def watch_fallbacks(self, routes: Callable[[], dict]) -> None:
         """Export adapterops_fallback_active{family, fallback} from `routes()` (Router.families()) at scrape time."""
@@ -57,6 +61,11 @@ class ServingMetrics:
         """Export adapterops_rollout_state_failures_total from a shared controller's `failures` count."""
         if controller is not None and hasattr(controller, "failures"):
             self.rollout_state_failures.sources.append(lambda: controller.failures)
+
+    def watch_fallback(self, policy) -> None:
+        """Export adapterops_fallback_state_failures_total from a shared fallback policy's `failures` count."""
+        if policy is not None and hasattr(policy, "failures"):
+            self.fallback_state_failures.sources.append(lambda: policy.failures)
 
     def observe(self, family: str, version: str, route: str, status: str, latency_s: float,
                 completion_tokens: int = 0) -> None:

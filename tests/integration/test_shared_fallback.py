@@ -129,6 +129,9 @@ def test_replicas_share_one_fallback(tmp_path):
             wait_for("B's poll to fail", lambda: b.policy.failures > failures)
             r = b.client.get("/admin/fallback", headers=AUTH)
             assert r.status_code == 200 and dbname in r.json()["state"]["last_error"] + r.json()["state"]["url"]
+            metric = next(line for line in b.client.get("/metrics").text.splitlines()
+                          if line.startswith("adapterops_fallback_state_failures_total "))
+            assert float(metric.split()[1]) >= failures + 1  # what an alert on the replica's metrics would see
         finally:
             with admin.cursor() as cur:
                 cur.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS true')
