@@ -90,10 +90,11 @@ def simulate(cfg, challenger: dict, rng: np.random.Generator, state_dir: Path, t
             "looks": max(st.get("looks", {}).values(), default=0), "reason": ended.get("reason")}
 
 
-def run_scenario(name: str, cfg, challenger: dict, canaries: int, seed: int, state_dir: Path) -> dict:
+def run_scenario(name: str, cfg, challenger: dict, canaries: int, seed: int, state_dir: Path,
+                 max_requests: int = 20_000) -> dict:
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    runs = [simulate(cfg, challenger, rng, state_dir, f"{name}-{i}") for i in range(canaries)]
+    runs = [simulate(cfg, challenger, rng, state_dir, f"{name}-{i}", max_requests) for i in range(canaries)]
     rb = [r for r in runs if r["outcome"] == "rolled_back"]
     pr = [r for r in runs if r["outcome"] == "promoted"]
     lo, hi = wilson(len(rb), canaries)
@@ -145,6 +146,20 @@ def main(argv: list[str] | None = None) -> None:
         rows += [spend, fixed]
         print(f"peeking: spending {spend['rolled_back']}, fixed {fixed['rolled_back']}", flush=True)
 
+        # The demo's canary size (40 requests a step, 4 to the challenger at 10%; feedback required) within a budget
+        # of 320 requests: what the inconclusive hold costs (undecided) and buys (no bad promotion).
+        small = RolloutConfig(steps=STEPS, requests_per_step=40, require_feedback=True)
+        n_small = min(args.canaries, 300)
+        for k, (case, c, challenger) in enumerate((
+                ("small steps, 320 requests: bad feedback, hold", small, SCENARIOS["bad_feedback"]),
+                ("small steps, 320 requests: bad feedback, no hold (the rule before)",
+                 RolloutConfig(**{**small.as_dict(), "hold_inconclusive_until": 0}), SCENARIOS["bad_feedback"]),
+                ("small steps, 320 requests: equal, hold", small, {}),
+                ("small steps, 320 requests: equal, no hold (the rule before)",
+                 RolloutConfig(**{**small.as_dict(), "hold_inconclusive_until": 0}), {}))):
+            rows.append(run_scenario(case, c, challenger, n_small, args.seed + 20 + k, tmp, max_requests=320))
+            print(f"{case}: {rows[-1]} ({time.perf_counter() - t_start:.0f}s)", flush=True)
+
     by = {r["case"]: r for r in rows}
     eq, badf, bade, good = by["equal"], by["bad_feedback"], by["bad_errors"], by["good"]
     bad_caught = min(badf["rolled_back"], bade["rolled_back"])
@@ -183,6 +198,15 @@ def main(argv: list[str] | None = None) -> None:
         f"lower {by['bad_feedback_large']['rolled_back_at_first_step']:.0%} of their rollbacks (before the hold: "
         f"11%, 7%, 55%); before the 100% step: {badf['rolled_back_before_full']:.0%} / "
         f"{bade['rolled_back_before_full']:.0%}. The rest need the 25% and 50% steps' traffic.",
+        "Small steps (the demo's canary size: 40 requests a step, feedback required, a 320-request budget): a "
+        "challenger with feedback 0.15 lower is promoted in "
+        f"{by['small steps, 320 requests: bad feedback, hold']['promoted']:.0%} of canaries with the inconclusive hold "
+        f"and {by['small steps, 320 requests: bad feedback, no hold (the rule before)']['promoted']:.0%} without it; "
+        "the price is undecided canaries (bad: "
+        f"{by['small steps, 320 requests: bad feedback, hold']['undecided']:.0%}, equal: "
+        f"{by['small steps, 320 requests: equal, hold']['undecided']:.0%} with the hold; "
+        f"{by['small steps, 320 requests: equal, no hold (the rule before)']['undecided']:.0%} equal without). "
+        "Give a canary enough traffic per step.",
         f"Config: steps {list(STEPS)}, {args.requests_per_step} requests a step, min_samples {cfg.min_samples}, "
         f"alpha {cfg.alpha}, feedback_margin {cfg.feedback_margin}, max_error_rate_delta "
         f"{cfg.max_error_rate_delta}, max_error_rate {cfg.max_error_rate}, hold_inconclusive_until "
