@@ -69,6 +69,15 @@ def write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = True) -
     return Path(path)
 
 
+def copy_file(src: str | os.PathLike, dest: str | os.PathLike, *, durable: bool = True) -> Path:
+    """A copy of `src` at `dest`, atomically (a reader sees the old file or the whole copy, never part of it)."""
+    import shutil
+
+    with atomic_open(dest, "wb", durable=durable) as out, open(src, "rb") as f:
+        shutil.copyfileobj(f, out)
+    return Path(dest)
+
+
 def write_text(path: str | os.PathLike, text: str, *, encoding: str = "utf-8", durable: bool = True) -> Path:
     with atomic_open(path, "w", encoding=encoding, durable=durable) as f:
         f.write(text)

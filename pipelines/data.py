@@ -146,14 +146,11 @@ def version_data_dir(family_dir: Path, version: str) -> Path:
 def record_version_data(family_dir: Path, version: str, train: Path, val: Path) -> Path:
     """Keep a copy of what `version` was trained and validated on (atomic writes), so that whichever version the
     canary promotes later, the next retrain replays the data of *that* champion, not of the one before it."""
-    import shutil
-
-    from common.atomic import atomic_open
+    from common.atomic import copy_file
 
     dest = version_data_dir(family_dir, version)
-    for src, name in ((train, "train.jsonl"), (val, "val.jsonl")):
-        with atomic_open(dest / name, "wb") as out, open(src, "rb") as f:
-            shutil.copyfileobj(f, out)
+    copy_file(train, dest / "train.jsonl")
+    copy_file(val, dest / "val.jsonl")
     return dest
 
 

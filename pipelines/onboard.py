@@ -44,11 +44,10 @@ Rules:
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common.atomic import atomic_open, write_json
+from common.atomic import copy_file, write_json
 from common.jsonl import JsonlError, iter_jsonl
 from pipelines import init_cache, merge_quantize, methods, reference, register, train
 from pipelines.config import ConfigError, from_dict, load_yaml
@@ -184,11 +183,6 @@ def refuse_existing(reg, family: str) -> None:
             "old-categories gate), or build under a new family name")
 
 
-def _copy_atomic(src: Path, dest: Path) -> None:
-    with atomic_open(dest, "wb") as out, open(src, "rb") as f:
-        shutil.copyfileobj(f, out)
-
-
 def run(cfg: BuildConfig, ws: Workspace, log=print) -> dict:
     """Build, gate and register `cfg.family`'s first version; promote it if `cfg.promote`. Returns a summary
     (build_version's keys plus "promoted", "champion_data", "configs")."""
@@ -234,8 +228,8 @@ def run(cfg: BuildConfig, ws: Workspace, log=print) -> dict:
         # the family had no version, so no champion was trained on what is there (a deleted family's leftovers)
         log(f"build {cfg.family}: replacing the champion data in {champion_data}, which no version of the family "
             "was trained on")
-    _copy_atomic(cfg.train, champion_data / "train.jsonl")
-    _copy_atomic(cfg.val, champion_data / "val.jsonl")
+    copy_file(cfg.train, champion_data / "train.jsonl")
+    copy_file(cfg.val, champion_data / "val.jsonl")
     summary.update(promoted=True, champion_data=str(champion_data))
     write_json(run_dir / "build.json", summary, default=str)
     log(f"build {cfg.family}: v{info.version} is champion; its data is in {champion_data} for retraining")
