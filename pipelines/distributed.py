@@ -243,9 +243,10 @@ def torchrun_command(nproc: int, log_dir: Path, entry: list[str], join_timeout_s
 
 
 def launch(cfg, base_path: Path, init_entry: Path, train_data: Path, val_data: Path, out: Path,
-           parent: Path | None = None, log=print) -> Path:
+           parent: Path | None = None, log=print, identity: list | None = None) -> Path:
     """Run pipelines.train.run on cfg.nproc processes under torchrun; rank 0's log lines go to `log`. Returns
-    `out` (written by rank 0). Raises HealthCheckFailed (a rank's health check failed) or DistributedTrainingFailed."""
+    `out` (written by rank 0). Raises RankHealthCheckFailed (a rank's health check failed) or
+    DistributedTrainingFailed. `identity`: the run's identity as train.run computed it, handed to the ranks."""
     from dataclasses import asdict
 
     import torch
@@ -258,7 +259,8 @@ def launch(cfg, base_path: Path, init_entry: Path, train_data: Path, val_data: P
     spec = work / "spec.json"
     spec.write_text(json.dumps({"config": asdict(cfg), "base": str(base_path), "init_entry": str(init_entry),
                                 "train": str(train_data), "val": str(val_data), "out": str(out),
-                                "parent": str(parent) if parent else None, "failures": str(work / "failures")}))
+                                "parent": str(parent) if parent else None, "failures": str(work / "failures"),
+                                "identity": identity}))
     threads = max(1, (os.cpu_count() or 1) // cfg.nproc)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
                                                                                            str(threads)),

@@ -39,7 +39,8 @@ def worker_main(spec_path: str) -> None:
             def log(*a):
                 print(f"rank {rank}:", *a, file=sys.stderr, flush=True)
         train.run(cfg, Path(spec["base"]), Path(spec["init_entry"]), Path(spec["train"]), Path(spec["val"]),
-                  Path(spec["out"]), parent=Path(spec["parent"]) if spec["parent"] else None, log=log)
+                  Path(spec["out"]), parent=Path(spec["parent"]) if spec["parent"] else None, log=log,
+                  identity=spec.get("identity"))
     except BaseException as e:  # noqa: BLE001  (recorded for the launcher, then this rank exits)
         failures = Path(spec["failures"])
         failures.mkdir(parents=True, exist_ok=True)
