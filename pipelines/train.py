@@ -658,17 +658,15 @@ def _bind(tmp: Path, method: str, base_sha256: str, init_key: str, init_entry: P
 
 def run(cfg: TrainConfig, base_path: Path, init_entry: Path, train_data: Path, val_data: Path, out: Path,
         parent: Path | None = None, log=print, identity: list | None = None) -> Path:
-    """Train an adapter; `parent` is a previous training output to warm-start from (same init entry). With
-    cfg.nproc > 1, launches cfg.nproc processes under torchrun (pipelines.distributed), each running this.
-    `identity`: the run's (init manifest, input hashes, config, fingerprint) as the launcher computed it, so that
-    the ranks do not hash the base's weights again (N more full reads of a large base)."""
+    """Train an adapter, warm-started from `parent` (a previous output, same init entry) if given. nproc > 1: runs
+    this on nproc processes under torchrun, handing them `identity` (hashes, fingerprint): none re-hashes the base."""
     from pipelines import distributed
 
     device, precision = resolve_device_precision(cfg)
     if distributed.in_worker():
         device = distributed.join(cfg)
-    init_manifest, inputs, config, fp = identity or _identity(cfg, base_path, init_entry, train_data, val_data, parent,
-                                                              precision)
+    init_manifest, inputs, config, fp = identity or _identity(cfg, base_path, init_entry, train_data, val_data,
+                                                              parent, precision)
     if manifest.reusable(out, "adapter", fp) is not None:
         log(f"train: {out} already holds this adapter (manifest matches); reusing it")
         return Path(out)
